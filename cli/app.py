@@ -1,0 +1,26 @@
+"""The ``surgery`` command."""
+from __future__ import annotations
+
+import typer
+
+from . import inspect_cmd, soup_cmd
+
+# Plain help text: rich-rendered help costs a quarter second of imports on every --help.
+app = typer.Typer(name="surgery", no_args_is_help=True, add_completion=False, rich_markup_mode=None,
+                  pretty_exceptions_enable=False,
+                  help="Weight-space model surgery: soups, task vectors, transfer and more, streamed tensor by tensor.")
+app.command("soup")(soup_cmd.soup)
+app.command("inspect")(inspect_cmd.inspect)
+
+
+@app.callback()
+def _root(version: bool = typer.Option(False, "--version", help="Print the version and exit.")) -> None:
+    if version:
+        from surgery import __version__
+
+        typer.echo(__version__)
+        raise typer.Exit()
+
+
+def main() -> None:
+    app()

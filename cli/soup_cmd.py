@@ -1,0 +1,48 @@
+"""``surgery soup``: uniform, weighted and greedy soups."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from .common import CONFIG_HELP, DEVICE_HELP, DTYPE_HELP, SHARD_HELP, fail, parse_floats, reported_errors, tensor_progress
+
+
+def soup(
+    inputs: List[str] = typer.Argument(..., help="Checkpoints: folders, .safetensors files or Hub ids org/name[@rev]."),
+    output: Path = typer.Option(..., "--output", "-o", help="Output folder (created only when complete)."),
+    weights: Optional[str] = typer.Option(None, help="Comma-separated weights, one per input, e.g. 0.5,0.3,0.2."),
+    normalize: bool = typer.Option(True, "--normalize/--no-normalize", help="Scale weights to sum to 1."),
+    greedy: bool = typer.Option(False, "--greedy", help="Greedy soup: add ingredients only while the score improves."),
+    score_cmd: Optional[str] = typer.Option(None, "--score-cmd",
+                                            help="Shell command scoring {model}; its last line is the score (higher is better)."),
+    dtype: Optional[str] = typer.Option(None, help=DTYPE_HELP),
+    device: str = typer.Option("auto", help=DEVICE_HELP),
+    max_shard_size: str = typer.Option("5GB", help=SHARD_HELP),
+    config_from: Optional[str] = typer.Option(None, help=CONFIG_HELP),
+    force: bool = typer.Option(False, "--force", help="Replace an existing output folder."),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Accept pickled .bin inputs (weights_only load)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+) -> None:
+    """Average checkpoints tensor by tensor (a model soup)."""
+    w = parse_floats(weights, "--weights")
+    if greedy and w is not None:
+        fail("--weights and --greedy exclude each other: a greedy soup is a uniform soup of the ingredients it keeps")
+    if greedy != (score_cmd is not None):
+        fail("--greedy needs --score-cmd, and --score-cmd is only used with --greedy")
+    with reported_errors():
+        import surgery
+
+        common = dict(dtype=dtype, device=device, max_shard_size=max_shard_size, config_from=config_from,
+                      force=force, allow_pickle=allow_pickle)
+        with tensor_progress("soup", quiet) as progress:
+            if greedy:
+                result = surgery.greedy_soup(inputs, output, score=surgery.score_command(score_cmd), progress=progress,
+                                             log=lambda m: typer.echo(m, err=True), **common)
+                typer.echo(f"greedy soup of {len(result.chosen)} ingredient(s), score {result.score:.6g}: "
+                           + ", ".join(result.chosen))
+                typer.echo(f"wrote {result.output}")
+                return
+            out = surgery.soup(inputs, output, weights=w, normalize=normalize, progress=progress, **common)
+    typer.echo(f"wrote {out}")

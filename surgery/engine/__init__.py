@@ -1,0 +1,1 @@
+"""The plan (plain data) and the streaming executor that runs it."""

@@ -1,0 +1,136 @@
+"""The streaming executor: walk the output tensors in file order, read ahead, compute, write.
+
+Reads run on a small thread pool ahead of compute, bounded by a byte budget; writes run on their
+own thread behind it. At any moment memory holds the tensors in that window and nothing else, so
+peak memory depends on the largest tensors, not on the model or the shard size.
+"""
+from __future__ import annotations
+
+import queue
+import threading
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+
+from ..errors import SurgeryError
+from ..io.checkpoint import Checkpoint, open_checkpoint
+from ..io.read import TORCH_DTYPES
+from ..io.writer import Shard, ShardWriter
+from ..ops.registry import get_operation
+from .plan import Call, Expr, Plan, Ref, refs
+
+DEFAULT_READ_AHEAD_BYTES = 256 << 20
+MAX_TENSORS_AHEAD = 32
+
+
+@dataclass
+class Progress:
+    """What a progress callback receives after each output tensor."""
+
+    tensors_done: int
+    tensors_total: int
+    bytes_done: int  # input bytes read so far
+    bytes_total: int
+    name: str
+
+
+ProgressCallback = Callable[[Progress], None]
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise SurgeryError(f"device {device} requested but CUDA is not available; use --device cpu or auto")
+    return dev
+
+
+def evaluate(expr: Expr, loaded: dict[Ref, torch.Tensor]) -> torch.Tensor:
+    if isinstance(expr, Ref):
+        return loaded[expr]
+    assert isinstance(expr, Call)
+    args = [evaluate(a, loaded) for a in expr.args]
+    return get_operation(expr.op).fn(args, **expr.kwargs)
+
+
+def execute(plan: Plan, folder: Path, *, checkpoints: Sequence[Checkpoint] | None = None,
+            device: str | torch.device = "auto", shard_indices: Sequence[int] | None = None,
+            progress: ProgressCallback | None = None, read_ahead_bytes: int = DEFAULT_READ_AHEAD_BYTES,
+            io_threads: int = 2) -> list[Shard]:
+    """Compute the plan's shards (all, or ``shard_indices``) into ``folder``; returns every planned shard.
+
+    Each shard depends only on the plan and the inputs, so shards can run in separate processes.
+    """
+    ckpts = list(checkpoints) if checkpoints is not None else \
+        [open_checkpoint(p, allow_pickle=plan.allow_pickle) for p in plan.inputs]
+    dev = resolve_device(device)
+    shards = plan.shards()
+    chosen = range(len(shards)) if shard_indices is None else shard_indices
+    exprs = plan.by_name()
+    order = [(i, spec.name) for i in chosen for spec in shards[i].tensors]
+    needs = {name: refs(exprs[name].expr) for _, name in order}
+    cost = {name: sum(ckpts[r.input].resolve(r.name).nbytes for r in needs[name]) for name in needs}
+    total_bytes = sum(cost.values())
+
+    def load(name: str) -> dict[Ref, torch.Tensor]:
+        return {r: ckpts[r.input].read(r.name, dev) for r in needs[name]}
+
+    writers = {i: None for i in chosen}
+    write_q: queue.Queue = queue.Queue(maxsize=2)
+    write_error: list[BaseException] = []
+
+    def write_loop():
+        while (item := write_q.get()) is not None:
+            if write_error:
+                continue  # drain so the producer never blocks
+            i, name, tensor = item
+            try:
+                if writers[i] is None:
+                    writers[i] = ShardWriter(folder, shards[i])
+                writers[i].write(name, tensor)
+            except BaseException as e:  # surfaced in the main thread
+                write_error.append(e)
+
+    writer_thread = threading.Thread(target=write_loop, name="surgery-writer", daemon=True)
+    writer_thread.start()
+    pending: deque = deque()
+    upcoming = iter(order)
+    in_flight = 0
+    done_bytes = 0
+    try:
+        with ThreadPoolExecutor(max_workers=io_threads, thread_name_prefix="surgery-read") as pool:
+            nxt = next(upcoming, None)
+            for count in range(1, len(order) + 1):
+                while nxt is not None and len(pending) < MAX_TENSORS_AHEAD and \
+                        (not pending or in_flight + cost[nxt[1]] <= read_ahead_bytes):
+                    pending.append((nxt, pool.submit(load, nxt[1])))
+                    in_flight += cost[nxt[1]]
+                    nxt = next(upcoming, None)
+                (i, name), future = pending.popleft()
+                loaded = future.result()
+                spec = exprs[name].spec
+                result = evaluate(exprs[name].expr, loaded).to(TORCH_DTYPES[spec.dtype])
+                if result.device.type != "cpu":
+                    result = result.cpu()
+                del loaded
+                in_flight -= cost[name]
+                done_bytes += cost[name]
+                if write_error:
+                    raise write_error[0]
+                write_q.put((i, name, result))
+                if progress is not None:
+                    progress(Progress(count, len(order), done_bytes, total_bytes, name))
+    finally:
+        write_q.put(None)
+        writer_thread.join()
+        for w in writers.values():
+            if w is not None:
+                w.close()
+    if write_error:
+        raise write_error[0]
+    return shards

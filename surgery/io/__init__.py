@@ -1,0 +1,1 @@
+"""Checkpoint I/O: header-only opening, tensor-at-a-time reads, and a streaming sharded writer."""

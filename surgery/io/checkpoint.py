@@ -1,0 +1,224 @@
+"""Open a checkpoint from a folder, a single file or a Hub repo id, reading headers only.
+
+A :class:`Checkpoint` knows every tensor's name, dtype, shape and byte range before one weight is
+read; weights are then read one tensor at a time (see :mod:`surgery.io.read`), never by mapping a
+whole shard.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import CheckpointError, PickleRefusedError
+from .safetensors_header import TensorInfo, read_header
+
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
+# What a Hub pull fetches: weights, index and json (config, tokenizer, generation config), plus the
+# few non-json tokenizer files without which the copied tokenizer would not load.
+HUB_PATTERNS = ["*.safetensors", "*.json", "tokenizer.model", "*.tiktoken", "vocab.txt", "merges.txt", "*.jinja"]
+# Output heads that transformers drops from the file when the config ties them to the input embedding.
+TIED_HEAD_NAMES = ("lm_head.weight", "cls.predictions.decoder.weight")
+EMBEDDING_SUFFIXES = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight", "tok_embeddings.weight",
+                      "embed_in.weight", "shared.weight")
+PICKLE_NAMES = ("pytorch_model.bin", "pytorch_model.bin.index.json")
+
+
+@dataclass
+class Checkpoint:
+    """Header index of one checkpoint. Plain data plus lazy reads; cheap to create, holds no weights."""
+
+    source: str  # what the user asked for: a path or a repo id
+    root: Path  # folder holding the files (sidecars such as config.json live here)
+    tensors: dict[str, TensorInfo]  # in file order
+    files: list[str]
+    config: dict | None = None
+    pickled: bool = False
+    tied: dict[str, str] = field(default_factory=dict)  # missing head name -> embedding it is tied to
+
+    def __len__(self) -> int:
+        return len(self.tensors)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.tensors or name in self.tied
+
+    def resolve(self, name: str) -> TensorInfo | None:
+        """The stored tensor that provides ``name``, following a tied head to its embedding."""
+        info = self.tensors.get(name)
+        if info is None and name in self.tied:
+            info = self.tensors[self.tied[name]]
+        return info
+
+    def read(self, name: str, device: str = "cpu"):
+        from .read import read_tensor
+
+        info = self.resolve(name)
+        if info is None:
+            raise CheckpointError("tensor not found", file=str(self.root), tensor=name)
+        return read_tensor(info, device)
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors.values())
+
+    @property
+    def num_parameters(self) -> int:
+        return sum(t.numel for t in self.tensors.values())
+
+
+def open_checkpoint(spec: str | os.PathLike, *, allow_pickle: bool = False) -> Checkpoint:
+    """Open ``spec``: a folder, a ``.safetensors`` file, or a Hub id ``org/name[@revision]``."""
+    source = str(spec)
+    path = Path(spec).expanduser()
+    if not path.exists():
+        if HUB_ID.match(source) and not source.startswith((".", "/")):
+            path = _pull_from_hub(source)
+        else:
+            raise CheckpointError("no such file or folder", file=source)
+    if path.is_file():
+        return _open_file(source, path, allow_pickle)
+    return _open_folder(source, path, allow_pickle)
+
+
+def open_checkpoints(inputs, allow_pickle: bool = False) -> list[Checkpoint]:
+    """Open a list of inputs (locations or already opened checkpoints)."""
+    from ..errors import PlanError
+
+    if isinstance(inputs, (str, os.PathLike)):
+        raise PlanError("inputs must be a list of checkpoints, not a single path")
+    ckpts = [c if isinstance(c, Checkpoint) else open_checkpoint(c, allow_pickle=allow_pickle) for c in inputs]
+    if not ckpts:
+        raise PlanError("no input checkpoints given")
+    return ckpts
+
+
+def _pull_from_hub(source: str) -> Path:
+    from huggingface_hub import snapshot_download
+
+    repo_id, _, revision = source.partition("@")
+    try:
+        folder = snapshot_download(repo_id, revision=revision or None, allow_patterns=HUB_PATTERNS)
+    except Exception as e:  # the hub client raises many kinds; all mean "could not get it"
+        offline = " (HF_HUB_OFFLINE is set: only the local cache was searched)" if os.environ.get("HF_HUB_OFFLINE") else ""
+        raise CheckpointError(f"cannot fetch Hub repo {repo_id}{'@' + revision if revision else ''}: "
+                              f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}{offline}",
+                              file=source) from e
+    return Path(folder)
+
+
+def _open_file(source: str, path: Path, allow_pickle: bool) -> Checkpoint:
+    if path.name.endswith(".index.json"):
+        return _open_folder(source, path.parent, allow_pickle, index=path)
+    if path.suffix in (".bin", ".pt", ".pth"):
+        return _open_pickle(source, path.parent, [path], allow_pickle)
+    tensors, _ = read_header(str(path.resolve()))
+    return _finish(source, path.parent, tensors, [str(path.resolve())])
+
+
+def _open_folder(source: str, folder: Path, allow_pickle: bool, index: Path | None = None) -> Checkpoint:
+    if index is None:
+        indexes = sorted(folder.glob("*.safetensors.index.json"))
+        preferred = folder / "model.safetensors.index.json"
+        index = preferred if preferred.exists() else (indexes[0] if len(indexes) == 1 else None)
+        if index is None and len(indexes) > 1:
+            raise CheckpointError(f"several safetensors indexes ({', '.join(p.name for p in indexes)}); "
+                                  "pass the one you mean", file=str(folder))
+    if index is not None:
+        return _open_index(source, folder, index)
+    single = folder / "model.safetensors"
+    files = [single] if single.exists() else sorted(folder.glob("*.safetensors"))
+    if files:
+        tensors: dict[str, TensorInfo] = {}
+        for f in files:
+            part, _ = read_header(str(f.resolve()))
+            for name in part:
+                if name in tensors:
+                    raise CheckpointError(f"tensor appears in two files without an index (also in {tensors[name].file})",
+                                          file=str(f), tensor=name)
+            tensors.update(part)
+        return _finish(source, folder, tensors, [str(f.resolve()) for f in files])
+    pickled = [folder / n for n in PICKLE_NAMES if (folder / n).exists()]
+    if pickled:
+        if pickled[0].name.endswith(".index.json"):
+            shard_names = sorted(set(_load_json(pickled[0])["weight_map"].values()))
+            return _open_pickle(source, folder, [_inside(folder, s, pickled[0]) for s in shard_names], allow_pickle)
+        return _open_pickle(source, folder, pickled, allow_pickle)
+    raise CheckpointError("no safetensors weights found (expected model.safetensors or "
+                          "model.safetensors.index.json)", file=str(folder))
+
+
+def _open_index(source: str, folder: Path, index: Path) -> Checkpoint:
+    data = _load_json(index)
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise CheckpointError("index has no weight_map", file=str(index))
+    headers: dict[str, dict[str, TensorInfo]] = {}
+    tensors: dict[str, TensorInfo] = {}
+    for name, shard in weight_map.items():
+        shard_path = str(_inside(folder, shard, index, name))
+        if shard_path not in headers:
+            if not os.path.isfile(shard_path):
+                raise CheckpointError(f"index points to missing shard {shard}", file=str(index), tensor=name)
+            headers[shard_path], _ = read_header(shard_path)
+        info = headers[shard_path].get(name)
+        if info is None:
+            raise CheckpointError(f"index maps the tensor to {shard}, whose header lacks it", file=shard_path, tensor=name)
+        tensors[name] = info
+    # Keep file order (shard by shard, offset by offset) so reads walk each file forwards.
+    headers = dict(sorted(headers.items()))
+    order = {f: i for i, f in enumerate(headers)}
+    tensors = dict(sorted(tensors.items(), key=lambda kv: (order[kv[1].file], kv[1].begin)))
+    return _finish(source, folder, tensors, list(headers))
+
+
+def _inside(folder: Path, relative: str, index: Path, tensor: str | None = None) -> Path:
+    """Resolve an index entry, refusing any that escapes the checkpoint folder (absolute, ``..``, symlinks)."""
+    root = folder.resolve()
+    target = (root / relative).resolve()
+    if not isinstance(relative, str) or os.path.isabs(relative) or not target.is_relative_to(root):
+        raise CheckpointError(f"index entry {relative!r} points outside the checkpoint folder", file=str(index), tensor=tensor)
+    return target
+
+
+def _open_pickle(source: str, folder: Path, files: list[Path], allow_pickle: bool) -> Checkpoint:
+    if not allow_pickle:
+        raise PickleRefusedError("pickled checkpoint refused: pickle can run arbitrary code; convert it to "
+                                 "safetensors or pass --allow-pickle (loads with torch.load(weights_only=True))",
+                                 file=str(files[0]))
+    from .read import pickle_tensor_infos
+
+    tensors: dict[str, TensorInfo] = {}
+    for f in files:
+        tensors.update(pickle_tensor_infos(str(f.resolve())))
+    ckpt = _finish(source, folder, tensors, [str(f.resolve()) for f in files])
+    ckpt.pickled = True
+    return ckpt
+
+
+def _finish(source: str, folder: Path, tensors: dict[str, TensorInfo], files: list[str]) -> Checkpoint:
+    config_path = folder / "config.json"
+    config = _load_json(config_path) if config_path.exists() else None
+    return Checkpoint(source, folder, tensors, files, config, tied=_tied_heads(tensors, config))
+
+
+def _tied_heads(tensors: dict[str, TensorInfo], config: dict | None) -> dict[str, str]:
+    """Heads absent from the file because the config ties them to the input embedding."""
+    if config is None:
+        return {}
+    text_config = config.get("text_config") if isinstance(config.get("text_config"), dict) else {}
+    # transformers' default for tie_word_embeddings is True when a config does not say.
+    if not config.get("tie_word_embeddings", text_config.get("tie_word_embeddings", True)):
+        return {}
+    embeddings = [n for n in tensors if n.endswith(EMBEDDING_SUFFIXES) and len(tensors[n].shape) == 2]
+    if len(embeddings) != 1:
+        return {}
+    return {head: embeddings[0] for head in TIED_HEAD_NAMES if head not in tensors}
+
+
+def _load_json(path: Path):
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"cannot parse JSON: {e}", file=str(path)) from e

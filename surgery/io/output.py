@@ -1,0 +1,95 @@
+"""An output folder that appears only when complete.
+
+Everything is written into a hidden sibling folder, which is renamed onto the target at the end.
+A crash or kill leaves at most that hidden folder, never a half-written target. With ``force``,
+an existing target is moved aside first and deleted only after the new one is in place.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+from ..errors import OutputError
+
+SIDECAR_SUFFIXES = (".json", ".txt", ".model", ".jinja", ".tiktoken", ".py")
+WEIGHT_FILE_MARKERS = (".safetensors", ".index.json", ".bin", ".pt", ".pth", ".msgpack", ".h5", ".onnx", ".gguf")
+
+
+def check_output(output: str | os.PathLike, inputs: list[Path], force: bool) -> Path:
+    """Refuse an output that exists (without ``force``) or that would overwrite or contain an input."""
+    out = Path(output).expanduser().resolve()
+    for root in inputs:
+        root = Path(root).resolve()
+        if out == root or root.is_relative_to(out):
+            raise OutputError(f"output {out} is, or contains, the input {root}; choose another output folder")
+    if out.exists() and not force:
+        raise OutputError(f"output {out} already exists; pass --force to replace it")
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"output {out} exists and is not a folder")
+    return out
+
+
+class OutputFolder:
+    """``with OutputFolder(out, force) as tmp: ...write into tmp...`` then it becomes ``out``."""
+
+    def __init__(self, out: Path, force: bool = False):
+        self.out = Path(out)
+        self.force = force
+        self.tmp = self.out.parent / f".{self.out.name}.surgery-{uuid.uuid4().hex[:8]}.partial"
+
+    def __enter__(self) -> Path:
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp.mkdir()
+        return self.tmp
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if exc_type is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            return False
+        _fsync_folder(self.tmp)
+        old = None
+        if self.out.exists():
+            if not self.force:  # it appeared while we worked
+                shutil.rmtree(self.tmp, ignore_errors=True)
+                raise OutputError(f"output {self.out} appeared while writing; pass --force to replace it")
+            old = self.out.parent / f".{self.out.name}.surgery-{uuid.uuid4().hex[:8]}.old"
+            os.rename(self.out, old)
+        os.rename(self.tmp, self.out)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        return False
+
+
+def _fsync_folder(folder: Path) -> None:
+    for p in folder.iterdir():
+        if p.is_file():
+            fd = os.open(p, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+
+def copy_sidecars(source: Path, dest: Path, config_overrides: dict | None = None) -> list[str]:
+    """Copy config, generation config, tokenizer and other small non-weight files from ``source``.
+
+    ``config_overrides`` are merged into ``config.json`` (for example when the output unties a head
+    or changes dtype). A README is never copied: the output gets its own model card.
+    """
+    import json
+
+    copied = []
+    for p in sorted(Path(source).iterdir()):
+        if not p.is_file() or p.name == "README.md" or any(m in p.name for m in WEIGHT_FILE_MARKERS[1:]) \
+                or p.name.endswith(".safetensors") or not p.name.endswith(SIDECAR_SUFFIXES):
+            continue
+        if p.name == "config.json" and config_overrides:
+            config = json.loads(p.read_text())
+            config.update(config_overrides)
+            (dest / p.name).write_text(json.dumps(config, indent=2) + "\n")
+        else:
+            shutil.copyfile(p, dest / p.name)
+        copied.append(p.name)
+    return copied

@@ -1,0 +1,135 @@
+"""Streaming sharded safetensors writer.
+
+The layout of every shard (names, offsets, header) is planned from (name, dtype, shape) before any
+weight is computed, so each tensor's bytes go to disk as soon as they exist: peak memory is one
+tensor, whatever the shard size. Files carry their final names and ``{"format": "pt"}`` metadata.
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import PlanError
+from .safetensors_header import DTYPE_SIZES
+
+DEFAULT_MAX_SHARD_SIZE = 5_000_000_000
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_size(size: str | int) -> int:
+    """``"5GB"`` -> 5_000_000_000 (decimal units, as transformers uses); ``"200MiB"``; or a byte count."""
+    if isinstance(size, int):
+        return size
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", str(size))
+    if not m or m.group(2).upper() not in _UNITS:
+        raise PlanError(f"cannot parse size {size!r}: use a byte count or a number with KB, MB, GB (or KiB, MiB, GiB)")
+    return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: str  # safetensors dtype code
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * DTYPE_SIZES[self.dtype]
+
+
+@dataclass(frozen=True)
+class Shard:
+    filename: str
+    tensors: tuple[TensorSpec, ...]  # in the order their bytes are written
+
+    def header_bytes(self) -> bytes:
+        header: dict = {"__metadata__": {"format": "pt"}}
+        offset = 0
+        for t in self.tensors:
+            header[t.name] = {"dtype": t.dtype, "shape": list(t.shape), "data_offsets": [offset, offset + t.nbytes]}
+            offset += t.nbytes
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)  # pad so the data starts 8-byte aligned
+        return len(raw).to_bytes(8, "little") + raw
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors)
+
+
+def plan_shards(tensors: list[TensorSpec], max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE) -> list[Shard]:
+    """Fill shards greedily in tensor order (as transformers does); a tensor larger than the limit gets its own.
+
+    Inside a shard, wider dtypes come first so every tensor starts aligned to its element size.
+    """
+    limit = parse_size(max_shard_size)
+    groups: list[list[TensorSpec]] = [[]]
+    size = 0
+    for t in tensors:
+        if groups[-1] and size + t.nbytes > limit:
+            groups.append([])
+            size = 0
+        groups[-1].append(t)
+        size += t.nbytes
+    n = len(groups)
+    shards = []
+    for i, group in enumerate(groups):
+        name = "model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+        ordered = sorted(group, key=lambda t: -DTYPE_SIZES[t.dtype])  # stable: keeps name order within a width
+        shards.append(Shard(name, tuple(ordered)))
+    return shards
+
+
+def write_index(folder: Path, shards: list[Shard]) -> None:
+    if len(shards) == 1:
+        return
+    index = {"metadata": {"total_size": sum(s.nbytes for s in shards)},
+             "weight_map": {t.name: s.filename for s in shards for t in s.tensors}}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+class ShardWriter:
+    """Writes one planned shard; tensors must arrive in the planned order with the planned dtype and shape."""
+
+    def __init__(self, folder: Path, shard: Shard):
+        self.shard = shard
+        self.path = folder / shard.filename
+        self._next = 0
+        self._file = open(self.path, "wb")
+        self._file.write(shard.header_bytes())
+
+    def write(self, name: str, tensor) -> None:
+        from .read import SAFETENSORS_DTYPES
+
+        spec = self.shard.tensors[self._next]
+        if name != spec.name:
+            raise PlanError(f"writer expected tensor {spec.name!r} next in {self.shard.filename}, got {name!r}")
+        dtype = SAFETENSORS_DTYPES.get(tensor.dtype)
+        if dtype != spec.dtype or tuple(tensor.shape) != spec.shape:
+            raise PlanError(f"tensor {name!r} computed as {dtype}{list(tensor.shape)}, planned as "
+                            f"{spec.dtype}{list(spec.shape)}")
+        if spec.nbytes:
+            data = tensor.detach().contiguous().cpu().reshape(-1).view(torch_uint8()).numpy()
+            self._file.write(memoryview(data))
+        self._next += 1
+        if self._next == len(self.shard.tensors):
+            self.close()
+
+    @property
+    def done(self) -> bool:
+        return self._next == len(self.shard.tensors)
+
+    def close(self) -> None:
+        if not self._file.closed:
+            self._file.flush()
+            self._file.close()
+
+
+def torch_uint8():
+    import torch
+
+    return torch.uint8

@@ -1,0 +1,11 @@
+"""Per-tensor operations, one module per family, registered in :mod:`surgery.ops.registry`."""
+from __future__ import annotations
+
+import importlib
+
+FAMILIES = ("basic", "soup")
+
+
+def load_all() -> None:
+    for family in FAMILIES:
+        importlib.import_module(f"{__name__}.{family}")

@@ -1,0 +1,58 @@
+"""The one place operations are registered by name.
+
+An operation is a pure function ``fn(tensors, **params) -> tensor`` over the same-named tensors of
+its inputs. Parameters are keyword-only and annotated; plans refer to operations by name, so a plan
+stays plain data and adding a method means adding one decorated function.
+"""
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Callable
+
+from ..errors import PlanError
+
+
+@dataclass(frozen=True)
+class Operation:
+    name: str
+    fn: Callable
+    params: tuple[str, ...]
+    required: tuple[str, ...]
+    doc: str
+
+    def check(self, params: dict) -> None:
+        unknown = set(params) - set(self.params)
+        missing = set(self.required) - set(params)
+        if unknown or missing:
+            raise PlanError(f"operation {self.name!r}: unknown parameters {sorted(unknown)}, missing {sorted(missing)}; "
+                            f"it takes {list(self.params)}")
+
+
+OPERATIONS: dict[str, Operation] = {}
+
+
+def operation(name: str):
+    """Register ``fn`` under ``name``. Its first positional argument is the list of input tensors."""
+
+    def register(fn: Callable) -> Callable:
+        if name in OPERATIONS:
+            raise PlanError(f"operation {name!r} registered twice")
+        sig = inspect.signature(fn)
+        kw = [p for p in sig.parameters.values() if p.kind is inspect.Parameter.KEYWORD_ONLY]
+        OPERATIONS[name] = Operation(name, fn, tuple(p.name for p in kw),
+                                     tuple(p.name for p in kw if p.default is inspect.Parameter.empty),
+                                     inspect.getdoc(fn) or "")
+        return fn
+
+    return register
+
+
+def get_operation(name: str) -> Operation:
+    from . import load_all
+
+    load_all()
+    try:
+        return OPERATIONS[name]
+    except KeyError:
+        raise PlanError(f"unknown operation {name!r}; known: {', '.join(sorted(OPERATIONS))}") from None

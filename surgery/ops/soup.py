@@ -1,0 +1,18 @@
+"""Model soups: a weighted sum of same-named tensors."""
+from __future__ import annotations
+
+import torch
+
+from .common import compute
+from .registry import operation
+
+
+@operation("weighted_sum")
+def weighted_sum(tensors: list[torch.Tensor], *, weights: list[float]) -> torch.Tensor:
+    """sum_i weights[i] * tensors[i], accumulated in float32 (or float64), one input upcast at a time."""
+    if len(weights) != len(tensors):
+        raise ValueError(f"{len(weights)} weights for {len(tensors)} tensors")
+    out = compute(tensors[0]) * weights[0]
+    for w, t in zip(weights[1:], tensors[1:]):
+        out.add_(compute(t) * w)  # not in place on t: a float32 input may be shared with another expression
+    return out

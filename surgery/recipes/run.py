@@ -1,0 +1,73 @@
+"""Run a plan into an output folder: validate the output, stream the tensors, add sidecars and a card."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..card import write_card
+from ..engine.executor import ProgressCallback, execute
+from ..engine.plan import Plan
+from ..errors import PlanError
+from ..io.checkpoint import Checkpoint
+from ..io.output import OutputFolder, check_output, copy_sidecars
+from ..io.writer import write_index
+
+DTYPE_NAMES = {
+    "bf16": "BF16", "bfloat16": "BF16", "fp16": "F16", "f16": "F16", "float16": "F16", "half": "F16",
+    "fp32": "F32", "f32": "F32", "float32": "F32", "float": "F32", "fp64": "F64", "f64": "F64", "float64": "F64",
+}
+CONFIG_DTYPE = {"BF16": "bfloat16", "F16": "float16", "F32": "float32", "F64": "float64"}
+
+
+def parse_dtype(dtype: str | None) -> str | None:
+    """A user's dtype name (``bf16``, ``float16``...) as a safetensors code, or None for "as the inputs"."""
+    if dtype is None:
+        return None
+    code = DTYPE_NAMES.get(str(dtype).lower().removeprefix("torch."))
+    if code is None:
+        raise PlanError(f"unknown dtype {dtype!r}; use one of bf16, fp16, fp32, fp64")
+    return code
+
+
+def sidecar_source(ckpts: list[Checkpoint], config_from) -> Path:
+    """Where config and tokenizer come from: an input's index, an input's location, or any folder."""
+    if config_from is None:
+        return ckpts[0].root
+    if isinstance(config_from, int):
+        return ckpts[config_from].root
+    for c in ckpts:
+        if str(config_from) == c.source:
+            return c.root
+    folder = Path(config_from)
+    if folder.is_file():
+        folder = folder.parent
+    if not folder.is_dir():
+        raise PlanError(f"--config-from {config_from}: not an input and not a folder")
+    return folder
+
+
+def run_plan(plan: Plan, output, ckpts: list[Checkpoint], *, force: bool = False, config_from=None,
+             config_overrides: dict | None = None, tags: tuple[str, ...] = (), device: str = "auto",
+             progress: ProgressCallback | None = None) -> Path:
+    out = check_output(output, [c.root for c in ckpts], force)
+    sidecars = sidecar_source(ckpts, config_from)
+    overrides = dict(config_overrides or {})
+    dtypes = {t.spec.dtype for t in plan.tensors if t.spec.dtype in CONFIG_DTYPE}
+    if len(dtypes) == 1:  # record the weights' dtype, under both names transformers has used
+        name = CONFIG_DTYPE[dtypes.pop()]
+        config = _config_of(sidecars)
+        overrides.setdefault("dtype", name)
+        if "torch_dtype" in config:
+            overrides.setdefault("torch_dtype", name)
+    with OutputFolder(out, force) as tmp:
+        shards = execute(plan, tmp, checkpoints=ckpts, device=device, progress=progress)
+        write_index(tmp, shards)
+        copy_sidecars(sidecars, tmp, overrides)
+        write_card(tmp, plan.recipe, ckpts, list(tags), title=out.name)
+    return out
+
+
+def _config_of(folder: Path) -> dict:
+    import json
+
+    path = folder / "config.json"
+    return json.loads(path.read_text()) if path.exists() else {}
