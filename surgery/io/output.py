@@ -6,6 +6,7 @@ an existing target is moved aside first and deleted only after the new one is in
 """
 from __future__ import annotations
 
+import glob
 import os
 import shutil
 import uuid
@@ -37,10 +38,11 @@ class OutputFolder:
     def __init__(self, out: Path, force: bool = False):
         self.out = Path(out)
         self.force = force
-        self.tmp = self.out.parent / f".{self.out.name}.surgery-{uuid.uuid4().hex[:8]}.partial"
+        self.tmp = self.out.parent / f".{self.out.name}.surgery-{os.getpid()}-{uuid.uuid4().hex[:8]}.partial"
 
     def __enter__(self) -> Path:
         self.out.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_partials(self.out)
         self.tmp.mkdir()
         return self.tmp
 
@@ -60,6 +62,27 @@ class OutputFolder:
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
         return False
+
+
+def remove_stale_partials(out: Path) -> None:
+    """Delete partial folders for ``out`` left by runs that were killed (their process is gone)."""
+    for p in out.parent.glob(f".{glob.escape(out.name)}.surgery-*.partial"):
+        try:
+            pid = int(p.name[len(out.name) + 1:].split("-")[1])
+        except (IndexError, ValueError):
+            continue
+        if not _alive(pid):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _fsync_folder(folder: Path) -> None:
