@@ -6,6 +6,7 @@ peak memory depends on the largest tensors, not on the model or the shard size.
 """
 from __future__ import annotations
 
+import math
 import queue
 import threading
 from collections import deque
@@ -24,6 +25,7 @@ from ..ops.registry import get_operation
 from .plan import Call, Expr, Plan, Ref, refs
 
 DEFAULT_READ_AHEAD_BYTES = 256 << 20
+BLOCK_ELEMENTS = 1 << 17  # 512 KB of float32: a block's temporaries stay in cache
 MAX_TENSORS_AHEAD = 32
 
 
@@ -48,6 +50,33 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise SurgeryError(f"device {device} requested but CUDA is not available; use --device cpu or auto")
     return dev
+
+
+def elementwise(expr: Expr) -> bool:
+    """True when every operation in the tree is elementwise (and there is at least one)."""
+    return isinstance(expr, Call) and get_operation(expr.op).elementwise and \
+        all(isinstance(a, Ref) or elementwise(a) for a in expr.args)
+
+
+def compute(expr: Expr, loaded: dict[Ref, torch.Tensor], shape: tuple[int, ...], dtype: torch.dtype,
+            device: torch.device) -> torch.Tensor:
+    """The output tensor in its final dtype.
+
+    On CPU an elementwise expression is evaluated in cache-sized blocks written straight into the
+    output buffer: the same operations in the same order on each element (so the same bits), without
+    whole-tensor float32 temporaries.
+    """
+    numel = math.prod(shape)
+    if device.type == "cpu" and numel > BLOCK_ELEMENTS and elementwise(expr) and \
+            all(t.numel() == numel for t in loaded.values()):
+        out = torch.empty(shape, dtype=dtype)
+        flat_out = out.view(-1)
+        flat = {r: t.reshape(-1) for r, t in loaded.items()}
+        for start in range(0, numel, BLOCK_ELEMENTS):
+            stop = start + BLOCK_ELEMENTS
+            flat_out[start:stop] = evaluate(expr, {r: t[start:stop] for r, t in flat.items()})
+        return out
+    return evaluate(expr, loaded).to(dtype)
 
 
 def evaluate(expr: Expr, loaded: dict[Ref, torch.Tensor]) -> torch.Tensor:
@@ -114,7 +143,7 @@ def execute(plan: Plan, folder: Path, *, checkpoints: Sequence[Checkpoint] | Non
                 (i, name), future = pending.popleft()
                 loaded = future.result()
                 spec = exprs[name].spec
-                result = evaluate(exprs[name].expr, loaded).to(TORCH_DTYPES[spec.dtype])
+                result = compute(exprs[name].expr, loaded, spec.shape, TORCH_DTYPES[spec.dtype], dev)
                 if result.device.type != "cpu":
                     result = result.cpu()
                 del loaded

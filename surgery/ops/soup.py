@@ -7,7 +7,7 @@ from .common import compute
 from .registry import operation
 
 
-@operation("weighted_sum")
+@operation("weighted_sum", elementwise=True)
 def weighted_sum(tensors: list[torch.Tensor], *, weights: list[float]) -> torch.Tensor:
     """sum_i weights[i] * tensors[i], accumulated in float32 (or float64), one input upcast at a time."""
     if len(weights) != len(tensors):
