@@ -6,11 +6,10 @@ peak memory depends on the largest tensors, not on the model or the shard size.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import queue
 import threading
-from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -23,10 +22,9 @@ from ..io.read import TORCH_DTYPES
 from ..io.writer import Shard, ShardWriter
 from ..ops.registry import get_operation
 from .plan import Call, Expr, Plan, Ref, refs
+from .stream import DEFAULT_READ_AHEAD_BYTES, job_bytes, stream_inputs
 
-DEFAULT_READ_AHEAD_BYTES = 256 << 20
 BLOCK_ELEMENTS = 1 << 17  # 512 KB of float32: a block's temporaries stay in cache
-MAX_TENSORS_AHEAD = 32
 
 
 @dataclass
@@ -102,12 +100,8 @@ def execute(plan: Plan, folder: Path, *, checkpoints: Sequence[Checkpoint] | Non
     chosen = range(len(shards)) if shard_indices is None else shard_indices
     exprs = plan.by_name()
     order = [(i, spec.name) for i in chosen for spec in shards[i].tensors]
-    needs = {name: refs(exprs[name].expr) for _, name in order}
-    cost = {name: sum(ckpts[r.input].resolve(r.name).nbytes for r in needs[name]) for name in needs}
-    total_bytes = sum(cost.values())
-
-    def load(name: str) -> dict[Ref, torch.Tensor]:
-        return {r: ckpts[r.input].read(r.name, dev) for r in needs[name]}
+    jobs = [((i, name), refs(exprs[name].expr)) for i, name in order]
+    total_bytes = sum(job_bytes(ckpts, needs) for _, needs in jobs)
 
     writers = {i: None for i in chosen}
     write_q: queue.Queue = queue.Queue(maxsize=2)
@@ -127,28 +121,16 @@ def execute(plan: Plan, folder: Path, *, checkpoints: Sequence[Checkpoint] | Non
 
     writer_thread = threading.Thread(target=write_loop, name="surgery-writer", daemon=True)
     writer_thread.start()
-    pending: deque = deque()
-    upcoming = iter(order)
-    in_flight = 0
     done_bytes = 0
     try:
-        with ThreadPoolExecutor(max_workers=io_threads, thread_name_prefix="surgery-read") as pool:
-            nxt = next(upcoming, None)
-            for count in range(1, len(order) + 1):
-                while nxt is not None and len(pending) < MAX_TENSORS_AHEAD and \
-                        (not pending or in_flight + cost[nxt[1]] <= read_ahead_bytes):
-                    pending.append((nxt, pool.submit(load, nxt[1])))
-                    in_flight += cost[nxt[1]]
-                    nxt = next(upcoming, None)
-                (i, name), future = pending.popleft()
-                loaded = future.result()
+        with contextlib.closing(stream_inputs(ckpts, jobs, dev, read_ahead_bytes, io_threads)) as stream:
+            for count, ((i, name), loaded, nbytes) in enumerate(stream, start=1):
                 spec = exprs[name].spec
                 result = compute(exprs[name].expr, loaded, spec.shape, TORCH_DTYPES[spec.dtype], dev)
                 if result.device.type != "cpu":
                     result = result.cpu()
                 del loaded
-                in_flight -= cost[name]
-                done_bytes += cost[name]
+                done_bytes += nbytes
                 if write_error:
                     raise write_error[0]
                 write_q.put((i, name, result))

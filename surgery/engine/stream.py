@@ -1,0 +1,56 @@
+"""Read-ahead: bring each job's input tensors onto the device, in order, ahead of the consumer.
+
+Shared by every pass over the inputs (the writing pass, and the statistics passes that global
+methods need), so all of them overlap I/O with compute under the same memory bound.
+"""
+from __future__ import annotations
+
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from typing import Hashable, Iterator, Sequence
+
+import torch
+
+from ..io.checkpoint import Checkpoint
+from .plan import Ref
+
+DEFAULT_READ_AHEAD_BYTES = 256 << 20
+MAX_JOBS_AHEAD = 32
+
+
+def job_bytes(ckpts: Sequence[Checkpoint], needs: Sequence[Ref]) -> int:
+    return sum(ckpts[r.input].resolve(r.name).nbytes for r in needs)
+
+
+def stream_inputs(ckpts: Sequence[Checkpoint], jobs: Sequence[tuple[Hashable, Sequence[Ref]]], device: torch.device,
+                  read_ahead_bytes: int = DEFAULT_READ_AHEAD_BYTES, io_threads: int = 2
+                  ) -> Iterator[tuple[Hashable, dict[Ref, torch.Tensor], int]]:
+    """Yield ``(key, {ref: tensor}, bytes_read)`` per job, in order.
+
+    Reads for later jobs run on ``io_threads`` threads while the consumer works, as long as the
+    bytes held (the consumer's current job included) stay within ``read_ahead_bytes``; a job larger
+    than the budget is still read, alone. A job's tensors are released when the consumer asks for
+    the next one.
+    """
+    def load(needs: Sequence[Ref]) -> dict[Ref, torch.Tensor]:
+        return {r: ckpts[r.input].read(r.name, device) for r in needs}
+
+    cost = [job_bytes(ckpts, needs) for _, needs in jobs]
+    pending: deque = deque()
+    held = 0
+    nxt = 0
+    with ThreadPoolExecutor(max_workers=io_threads, thread_name_prefix="surgery-read") as pool:
+        try:
+            for current in range(len(jobs)):
+                while nxt < len(jobs) and len(pending) < MAX_JOBS_AHEAD and \
+                        (not pending or held + cost[nxt] <= read_ahead_bytes):
+                    pending.append(pool.submit(load, jobs[nxt][1]))
+                    held += cost[nxt]
+                    nxt += 1
+                loaded = pending.popleft().result()
+                yield jobs[current][0], loaded, cost[current]
+                del loaded
+                held -= cost[current]
+        finally:
+            for f in pending:
+                f.cancel()
