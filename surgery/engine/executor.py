@@ -88,7 +88,7 @@ def evaluate(expr: Expr, loaded: dict[Ref, torch.Tensor]) -> torch.Tensor:
 def execute(plan: Plan, folder: Path, *, checkpoints: Sequence[Checkpoint] | None = None,
             device: str | torch.device = "auto", shard_indices: Sequence[int] | None = None,
             progress: ProgressCallback | None = None, read_ahead_bytes: int = DEFAULT_READ_AHEAD_BYTES,
-            io_threads: int = 2) -> list[Shard]:
+            io_threads: int = 2, digests: dict | None = None, hash_inputs: Sequence[int] = ()) -> list[Shard]:
     """Compute the plan's shards (all, or ``shard_indices``) into ``folder``; returns every planned shard.
 
     Each shard depends only on the plan and the inputs, so shards can run in separate processes.
@@ -123,7 +123,8 @@ def execute(plan: Plan, folder: Path, *, checkpoints: Sequence[Checkpoint] | Non
     writer_thread.start()
     done_bytes = 0
     try:
-        with contextlib.closing(stream_inputs(ckpts, jobs, dev, read_ahead_bytes, io_threads)) as stream:
+        with contextlib.closing(stream_inputs(ckpts, jobs, dev, read_ahead_bytes, io_threads,
+                                                  digests, hash_inputs)) as stream:
             for count, ((i, name), loaded, nbytes) in enumerate(stream, start=1):
                 spec = exprs[name].spec
                 result = compute(exprs[name].expr, loaded, spec.shape, TORCH_DTYPES[spec.dtype], dev)

@@ -5,6 +5,7 @@ methods need), so all of them overlap I/O with compute under the same memory bou
 """
 from __future__ import annotations
 
+import hashlib
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from typing import Hashable, Iterator, Sequence
@@ -23,17 +24,30 @@ def job_bytes(ckpts: Sequence[Checkpoint], needs: Sequence[Ref]) -> int:
 
 
 def stream_inputs(ckpts: Sequence[Checkpoint], jobs: Sequence[tuple[Hashable, Sequence[Ref]]], device: torch.device,
-                  read_ahead_bytes: int = DEFAULT_READ_AHEAD_BYTES, io_threads: int = 2
+                  read_ahead_bytes: int = DEFAULT_READ_AHEAD_BYTES, io_threads: int = 2,
+                  digests: dict | None = None, hash_inputs: Sequence[int] = ()
                   ) -> Iterator[tuple[Hashable, dict[Ref, torch.Tensor], int]]:
     """Yield ``(key, {ref: tensor}, bytes_read)`` per job, in order.
 
     Reads for later jobs run on ``io_threads`` threads while the consumer works, as long as the
     bytes held (the consumer's current job included) stay within ``read_ahead_bytes``; a job larger
     than the budget is still read, alone. A job's tensors are released when the consumer asks for
-    the next one.
+    the next one. For inputs in ``hash_inputs``, ``digests[(input, stored name)]`` receives the
+    sha256 of each tensor's bytes, computed on the read threads.
     """
+    hashed = set(hash_inputs)
+
     def load(needs: Sequence[Ref]) -> dict[Ref, torch.Tensor]:
-        return {r: ckpts[r.input].read(r.name, device) for r in needs}
+        out = {}
+        for r in needs:
+            if r.input in hashed:
+                t = ckpts[r.input].read(r.name, "cpu")
+                stored = ckpts[r.input].resolve(r.name).name
+                digests[(r.input, stored)] = hashlib.sha256(t.reshape(-1).view(torch.uint8).numpy()).hexdigest()
+                out[r] = t.to(device)
+            else:
+                out[r] = ckpts[r.input].read(r.name, device)
+        return out
 
     cost = [job_bytes(ckpts, needs) for _, needs in jobs]
     pending: deque = deque()

@@ -95,6 +95,21 @@ def _fsync_folder(folder: Path) -> None:
                 os.close(fd)
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "vocab.txt", "vocab.json", "merges.txt", "tokenizer.model", "spiece.model", "chat_template.json",
+                   "chat_template.jinja")
+
+
+def copy_tokenizer(source: Path, dest: Path) -> list[str]:
+    """Copy (over any already there) the tokenizer and chat template files of ``source``."""
+    copied = []
+    for p in sorted(Path(source).iterdir()):
+        if p.is_file() and (p.name in TOKENIZER_FILES or p.suffix in (".tiktoken", ".jinja")):
+            shutil.copyfile(p, dest / p.name)
+            copied.append(p.name)
+    return copied
+
+
 def copy_sidecars(source: Path, dest: Path, config_overrides: dict | None = None) -> list[str]:
     """Copy config, generation config, tokenizer and other small non-weight files from ``source``.
 

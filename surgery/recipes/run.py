@@ -1,14 +1,16 @@
 """Run a plan into an output folder: validate the output, stream the tensors, add sidecars and a card."""
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
+from typing import Callable, Sequence
 
 from ..card import write_card
 from ..engine.executor import ProgressCallback, execute
 from ..engine.plan import Plan
 from ..errors import PlanError
 from ..io.checkpoint import Checkpoint
-from ..io.output import OutputFolder, check_output, copy_sidecars
+from ..io.output import OutputFolder, check_output, copy_sidecars, copy_tokenizer
 from ..io.writer import write_index
 
 DTYPE_NAMES = {
@@ -46,8 +48,17 @@ def sidecar_source(ckpts: list[Checkpoint], config_from) -> Path:
 
 
 def run_plan(plan: Plan, output, ckpts: list[Checkpoint], *, force: bool = False, config_from=None,
-             config_overrides: dict | None = None, tags: tuple[str, ...] = (), device: str = "auto",
-             progress: ProgressCallback | None = None) -> Path:
+             config_overrides: dict | None = None, tokenizer_from: Path | None = None, copy_config: bool = True,
+             extra_files: Callable[[Path], None] | None = None, tags: tuple[str, ...] = (), device: str = "auto",
+             progress: ProgressCallback | None = None, hash_inputs: Sequence[int] = ()) -> Path:
+    """Stream ``plan`` into ``output``, which appears only when complete.
+
+    Config and other small files come from ``config_from`` (default: the first input), with
+    ``config_overrides`` merged into config.json, then tokenizer files from ``tokenizer_from`` if
+    given; ``extra_files(folder)`` may add files before the folder is renamed into place. Inputs
+    listed in ``hash_inputs`` get a content hash computed during the same pass (``plan.recipe``
+    receives them under ``content_sha256``).
+    """
     out = check_output(output, [c.root for c in ckpts], force)
     sidecars = sidecar_source(ckpts, config_from)
     overrides = dict(config_overrides or {})
@@ -59,11 +70,30 @@ def run_plan(plan: Plan, output, ckpts: list[Checkpoint], *, force: bool = False
         if "torch_dtype" in config:
             overrides.setdefault("torch_dtype", name)
     with OutputFolder(out, force) as tmp:
-        shards = execute(plan, tmp, checkpoints=ckpts, device=device, progress=progress)
+        digests: dict = {} if hash_inputs else None
+        shards = execute(plan, tmp, checkpoints=ckpts, device=device, progress=progress, digests=digests,
+                         hash_inputs=hash_inputs)
+        if digests is not None:
+            plan.recipe["content_sha256"] = {ckpts[i].source: content_hash(digests, i) for i in hash_inputs}
         write_index(tmp, shards)
-        copy_sidecars(sidecars, tmp, overrides)
+        if copy_config:
+            copy_sidecars(sidecars, tmp, overrides)
+        if tokenizer_from is not None and Path(tokenizer_from).is_dir():
+            copy_tokenizer(Path(tokenizer_from), tmp)
+        if extra_files is not None:
+            extra_files(tmp)
         write_card(tmp, plan.recipe, ckpts, list(tags), title=out.name)
     return out
+
+
+def content_hash(digests: dict, input_index: int) -> str:
+    """sha256 over one input's (name, sha256 of its bytes) pairs, sorted by name: the same for the
+    same weights however they are sharded."""
+    h = hashlib.sha256()
+    for (i, name), hex_digest in sorted(digests.items()):
+        if i == input_index:
+            h.update(f"{name}\t{hex_digest}\n".encode())
+    return h.hexdigest()
 
 
 def _config_of(folder: Path) -> dict:

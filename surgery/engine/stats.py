@@ -1,0 +1,87 @@
+"""Statistics passes: stream the inputs once, evaluate expressions per tensor, reduce to a few numbers.
+
+Global methods need numbers about the whole model before the writing pass (a top-k threshold over
+every entry of a task vector, the L1 norm of a merged vector). Each pass holds only the tensors in
+the read-ahead window plus small accumulators, so memory does not depend on model size.
+"""
+from __future__ import annotations
+
+import contextlib
+import struct
+from typing import Callable, Sequence
+
+import torch
+
+from ..io.checkpoint import Checkpoint
+from .executor import evaluate, resolve_device
+from .plan import Expr, refs
+from .stream import stream_inputs
+
+
+def reduce_pass(ckpts: Sequence[Checkpoint], items: Sequence[tuple[str, Sequence[Expr]]],
+                fn: Callable[[str, list[torch.Tensor]], None], device="auto") -> None:
+    """For each ``(name, exprs)``, call ``fn(name, [evaluated exprs])``, streaming each input once."""
+    dev = resolve_device(device)
+    jobs = [(name, list(dict.fromkeys(r for e in exprs for r in refs(e)))) for name, exprs in items]
+    by_name = dict(items)
+    with contextlib.closing(stream_inputs(ckpts, jobs, dev)) as stream:
+        for name, loaded, _ in stream:
+            fn(name, [evaluate(e, loaded) for e in by_name[name]])
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    """float32 magnitudes as int32 bit patterns, which order exactly as the values do."""
+    return t.detach().abs().to(torch.float32).reshape(-1).view(torch.int32)
+
+
+def global_topk_thresholds(ckpts: Sequence[Checkpoint], items: Sequence[tuple[str, Sequence[Expr]]],
+                           keep: Sequence[int], device="auto") -> list[float]:
+    """For each of T expressions per tensor (T task vectors), the exact magnitude of the ``keep[t]``-th
+    largest entry over all tensors together, in two streamed passes of 2**16-bucket histograms: the
+    first over the high 16 bits of the float32 pattern, the second over the low 16 bits inside the
+    one bucket that holds the answer."""
+    n_tasks = len(keep)
+    high = [torch.zeros(1 << 16, dtype=torch.int64) for _ in range(n_tasks)]
+
+    def count_high(_name, values):
+        for t, v in enumerate(values):
+            high[t] += torch.bincount((_bits(v) >> 16).cpu(), minlength=1 << 16)
+
+    reduce_pass(ckpts, items, count_high, device)
+    bucket, rank = [], []
+    for t in range(n_tasks):
+        above = torch.flip(high[t], [0]).cumsum(0)  # entries at or above each bucket, from the top
+        i = int(torch.searchsorted(above, keep[t]))  # first bucket (from the top) reaching keep
+        b = (1 << 16) - 1 - i
+        bucket.append(b)
+        rank.append(keep[t] - (int(above[i - 1]) if i > 0 else 0))  # rank inside that bucket
+    low = [torch.zeros(1 << 16, dtype=torch.int64) for _ in range(n_tasks)]
+
+    def count_low(_name, values):
+        for t, v in enumerate(values):
+            bits = _bits(v)
+            inside = bits[(bits >> 16) == bucket[t]]
+            low[t] += torch.bincount((inside & 0xFFFF).cpu(), minlength=1 << 16)
+
+    reduce_pass(ckpts, items, count_low, device)
+    thresholds = []
+    for t in range(n_tasks):
+        above = torch.flip(low[t], [0]).cumsum(0)
+        i = int(torch.searchsorted(above, rank[t]))
+        pattern = (bucket[t] << 16) | ((1 << 16) - 1 - i)
+        thresholds.append(struct.unpack("<f", struct.pack("<I", pattern))[0])
+    return thresholds
+
+
+def l1_norms(ckpts: Sequence[Checkpoint], items: Sequence[tuple[str, Sequence[Expr]]], device="auto") -> list[float]:
+    """For each of the expressions per tensor, the L1 norm over all tensors (float64 accumulation)."""
+    totals: list[float] = []
+
+    def add(_name, values):
+        if not totals:
+            totals.extend([0.0] * len(values))
+        for i, v in enumerate(values):
+            totals[i] += float(v.abs().sum(dtype=torch.float64))
+
+    reduce_pass(ckpts, items, add, device)
+    return totals

@@ -1,0 +1,39 @@
+"""Task-vector algebra: differences, sums, scaling, and zero-padding rows for vocabulary changes."""
+from __future__ import annotations
+
+import torch
+
+from .common import compute
+from .registry import operation
+
+
+@operation("sub", elementwise=True)
+def sub(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """tensors[0] - tensors[1]: a task vector, fine-tuned minus base."""
+    return compute(tensors[0]) - compute(tensors[1])
+
+
+@operation("add", elementwise=True)
+def add(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """The sum of all inputs, left to right."""
+    out = compute(tensors[0]).clone()
+    for t in tensors[1:]:
+        out.add_(compute(t))
+    return out
+
+
+@operation("scale", elementwise=True)
+def scale(tensors: list[torch.Tensor], *, factor: float) -> torch.Tensor:
+    """factor * tensors[0]."""
+    return compute(tensors[0]) * factor
+
+
+@operation("pad_rows")
+def pad_rows(tensors: list[torch.Tensor], *, rows: int) -> torch.Tensor:
+    """tensors[0] with zero rows appended up to ``rows`` (embeddings and heads of a grown vocabulary)."""
+    t = tensors[0]
+    if t.shape[0] >= rows:
+        return t
+    out = torch.zeros((rows, *t.shape[1:]), dtype=t.dtype, device=t.device)
+    out[: t.shape[0]] = t
+    return out

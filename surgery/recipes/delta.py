@@ -1,0 +1,56 @@
+"""``surgery diff``: a task vector saved as a checkpoint of its own, with a manifest of its sources."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ..io.output import copy_sidecars
+from ..io.writer import DEFAULT_MAX_SHARD_SIZE
+from ..lazy import DELTA_MANIFEST, FT_SIDECARS, TaskVector
+from .run import parse_dtype, run_plan
+
+
+def save_delta(tv: TaskVector, output, *, dtype: str | None = None, device: str = "auto",
+               max_shard_size=DEFAULT_MAX_SHARD_SIZE, force: bool = False, progress=None) -> Path:
+    """Write ``tv`` as safetensors plus ``surgery_delta.json`` naming its sources and their content
+    hashes (computed while the tensors stream, not by a second read). The fine-tuned source's config
+    and tokenizer are kept under ``ft_files/`` so that a later transfer can take the tokenizer from it."""
+    # Stored in float32 by default: the difference of two bf16 weights is not a bf16 number, and a
+    # rounded delta would make every later transfer inexact.
+    lazy = tv.lazy.with_dtype(dtype) if dtype else _at_least_float32(tv.lazy)
+    plan = lazy.plan(max_shard_size, {"operation": "diff", **tv.sources, "dtype": dtype})
+    ckpts = list(lazy.inputs)
+    roles = {"ft": tv.sources.get("ft"), "base": tv.sources.get("base")}
+    hashed = [i for i, c in enumerate(ckpts) if c.source in roles.values()]
+
+    def manifest(folder: Path) -> None:
+        hashes = plan.recipe.get("content_sha256", {})
+        record = {"kind": "task_vector", "format": 1, "dtype": dtype,
+                  "tied": lazy.tied,
+                  **{role: {"source": src, "content_sha256": hashes.get(src)} for role, src in roles.items() if src}}
+        (folder / DELTA_MANIFEST).write_text(json.dumps(record, indent=2) + "\n")
+        if lazy.sidecars is not None:
+            (folder / FT_SIDECARS).mkdir()
+            copy_sidecars(lazy.sidecars, folder / FT_SIDECARS)
+
+    return run_plan(plan, output, ckpts, force=force, copy_config=False, extra_files=manifest,
+                    tags=("task-vector",), device=device, progress=progress, hash_inputs=hashed)
+
+
+def _at_least_float32(lazy):
+    from dataclasses import replace
+
+    from ..engine.plan import OutputTensor
+    from ..io.writer import TensorSpec
+
+    tensors = {n: OutputTensor(TensorSpec(n, "F32", t.spec.shape), t.expr)
+               if t.spec.dtype in ("BF16", "F16", "F8_E4M3", "F8_E5M2") else t
+               for n, t in lazy.tensors.items()}
+    return replace(lazy, tensors=tensors)
+
+
+def diff(ft, base, output, *, dtype: str | None = None, device: str = "auto", max_shard_size=DEFAULT_MAX_SHARD_SIZE,
+         force: bool = False, progress=None) -> Path:
+    """Library form of ``surgery diff FT BASE -o OUT``: save ``ft - base``."""
+    return save_delta(TaskVector.between(ft, base), output, dtype=parse_dtype(dtype), device=device,
+                      max_shard_size=max_shard_size, force=force, progress=progress)

@@ -1,0 +1,133 @@
+"""``surgery merge``: task arithmetic, TIES, DARE (linear and TIES), with optional LiNeS scaling.
+
+Every method is ``base + lambda * merged``, where ``merged`` combines the task vectors
+``tau_t = model_t - base`` tensor by tensor:
+
+- task_arithmetic: ``sum_t w_t tau_t``
+- ties: trim each tau_t to its top ``density`` magnitudes (per tensor, or over the whole model with
+  ``scope="global"``), elect a sign per entry from the weighted sum, average the agreeing entries
+- dare_linear: drop each entry of tau_t with probability ``p = 1 - density``, rescale by ``1/(1-p)``,
+  then ``sum_t w_t tau_t``
+- dare_ties: DARE's drop and rescale, then TIES's sign election and disjoint mean
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+from ..engine.plan import Call
+from ..engine.stats import global_topk_thresholds, l1_norms
+from ..errors import PlanError
+from ..io.checkpoint import open_checkpoints
+from ..io.writer import DEFAULT_MAX_SHARD_SIZE
+from ..layers import blocks, lines_lambda
+from ..lazy import TaskVector, stack
+from ..ops.dare import tensor_seed
+from ..ops.ties import keep_count
+
+METHODS = ("task_arithmetic", "ties", "dare_linear", "dare_ties")
+DEFAULT_DENSITY = {"ties": 0.2, "dare_linear": 0.1, "dare_ties": 0.1}  # TIES keeps 20%; DARE drops p = 0.9
+
+
+def merged_vector(method: str, tvs: list[TaskVector], weights: Sequence[float], density: float | None,
+                  scope: str = "tensor", seed: int = 0, device: str = "auto") -> tuple[TaskVector, dict]:
+    """The merged task vector of ``method`` (lazy), and what was decided on the way (thresholds)."""
+    if method not in METHODS:
+        raise PlanError(f"unknown merge method {method!r}; choose one of {', '.join(METHODS)}")
+    if scope not in ("tensor", "global"):
+        raise PlanError(f"--scope must be tensor or global, got {scope!r}")
+    if len(weights) != len(tvs):
+        raise PlanError(f"{len(weights)} weights for {len(tvs)} models")
+    if method != "task_arithmetic":
+        density = DEFAULT_DENSITY[method] if density is None else float(density)
+        if not 0 < density <= 1:
+            raise PlanError(f"--density must be in (0, 1], got {density}")
+    weights = [float(w) for w in weights]
+    stacked = stack(tvs)
+    info: dict = {"method": method, "weights": weights, "density": density}
+    if method == "task_arithmetic":
+        return stacked.reduce(lambda _n, es: Call.of("weighted_sum", es, weights=weights), info), info
+    if method == "ties":
+        if scope == "global":
+            items = [(n, es) for n, es in stacked.float_items()]
+            total = sum(stacked.numel(n) for n, _ in items)
+            thresholds = global_topk_thresholds(stacked.inputs, items, [keep_count(total, density)] * len(tvs), device)
+            info.update(scope="global", thresholds=thresholds)
+            trim = lambda _n, t, e: Call.of("trim_threshold", [e], threshold=thresholds[t])  # noqa: E731
+        else:
+            info.update(scope="tensor")
+            trim = lambda _n, _t, e: Call.of("trim_topk", [e], density=density)  # noqa: E731
+    else:
+        p = 1.0 - density
+        info.update(p=p, seed=seed)
+        trim = lambda n, t, e: Call.of("dare_drop", [e], p=p, seed=tensor_seed(seed, t, n))  # noqa: E731
+
+    def combine(name, exprs):
+        trimmed = [trim(name, t, e) for t, e in enumerate(exprs)]
+        if method == "dare_linear":
+            return Call.of("weighted_sum", trimmed, weights=weights)
+        return Call.of("sign_consensus_mean", trimmed, weights=weights)
+
+    return stacked.reduce(combine, info), info
+
+
+def lines_scaled(tv: TaskVector, alpha: float, beta: float, config: dict | None) -> tuple[TaskVector, dict]:
+    """Scale each tensor of ``tv`` by LiNeS's lambda(l) = alpha + beta * l/(L-1) of its block."""
+    found = blocks(tv.lazy.tensors, config)
+    lambdas = {n: lines_lambda(found.get(n), alpha, beta) for n in tv.lazy.tensors}
+    scaled = tv.map(lambda n, e: Call.of("scale", [e], factor=lambdas[n]), {"op": "lines", "alpha": alpha, "beta": beta})
+    return scaled, lambdas
+
+
+def lines_alpha(tvs: list[TaskVector], merged: TaskVector, device: str = "auto") -> float:
+    """The paper's multi-task alpha: (||sum_t tau_t||_1 / ||tau_merged||_1) / T, in one streamed pass."""
+    summed = sum(tvs[1:], tvs[0])
+    pair = stack([summed, merged])
+    sum_l1, merged_l1 = l1_norms(pair.inputs, list(pair.float_items()), device)
+    if merged_l1 == 0:
+        raise PlanError("the merged task vector is zero; LiNeS alpha is undefined")
+    return sum_l1 / merged_l1 / len(tvs)
+
+
+def merge(base, models: Sequence, output, *, method: str = "task_arithmetic", weights: Sequence[float] | None = None,
+          density: float | None = None, lam: float = 1.0, scope: str = "tensor", seed: int = 0,
+          lines: bool = False, alpha: float | None = None, beta: float = 0.0, dtype: str | None = None,
+          device: str = "auto", max_shard_size=DEFAULT_MAX_SHARD_SIZE, force: bool = False,
+          progress=None) -> Path:
+    """Merge ``models`` (fine-tunes of ``base``) into ``output``: ``base + lambda * merged``.
+
+    With ``lines``, the merged vector is scaled per block by LiNeS instead, with ``alpha`` defaulting
+    to the paper's rule (see :func:`lines_alpha`).
+    """
+    ckpts = open_checkpoints([base, *models])
+    base_c, model_cs = ckpts[0], ckpts[1:]
+    if not model_cs:
+        raise PlanError("merge needs at least one model besides the base")
+    tvs = [TaskVector.between(m, base_c) for m in model_cs]
+    weights = [1.0] * len(tvs) if weights is None else list(weights)
+    merged, info = merged_vector(method, tvs, weights, density, scope, seed, device)
+    if lines:
+        if alpha is None:
+            alpha = lines_alpha(tvs, merged, device)
+        merged, _ = lines_scaled(merged, alpha, beta, base_c.config)
+        info.update(lines={"alpha": alpha, "beta": beta})
+    model = (merged * lam).apply_to(base_c)
+    recipe = {"operation": "merge", **info, "lambda": lam, "dtype": dtype, "base": base_c.source,
+              "models": [m.source for m in model_cs]}
+    return model.save(output, dtype=dtype, device=device, max_shard_size=max_shard_size, force=force,
+                      progress=progress, recipe=recipe, tags=("merge", method.replace("_", "-")))
+
+
+def lines(base, ft, output, *, alpha: float, beta: float, dtype: str | None = None, device: str = "auto",
+          max_shard_size=DEFAULT_MAX_SHARD_SIZE, force: bool = False, progress=None, dry_run: bool = False):
+    """Single-task LiNeS: ``base + lambda(l) * (ft - base)``. With ``dry_run``, return the lambda of
+    every tensor instead of writing anything."""
+    tv = TaskVector.between(ft, base)
+    scaled, lambdas = lines_scaled(tv, alpha, beta, tv.lazy.inputs[1].config or tv.lazy.inputs[0].config)
+    if dry_run:
+        return lambdas
+    recipe = {"operation": "lines", "alpha": alpha, "beta": beta, "dtype": dtype,
+              "base": str(base), "ft": str(ft)}
+    return scaled.apply_to(tv.lazy.inputs[1]).save(output, dtype=dtype, device=device, max_shard_size=max_shard_size,
+                                                   force=force, progress=progress, recipe=recipe,
+                                                   tags=("lines",))
