@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import typer
 
-from . import inspect_cmd, soup_cmd
+from . import inspect_cmd, soup_cmd, task_vector_cmds
 
 # Plain help text: rich-rendered help costs a quarter second of imports on every --help.
 app = typer.Typer(name="surgery", no_args_is_help=True, add_completion=False, rich_markup_mode=None,
@@ -11,6 +11,10 @@ app = typer.Typer(name="surgery", no_args_is_help=True, add_completion=False, ri
                   help="Weight-space model surgery: soups, task vectors, transfer and more, streamed tensor by tensor.")
 app.command("soup")(soup_cmd.soup)
 app.command("inspect")(inspect_cmd.inspect)
+app.command("diff")(task_vector_cmds.diff)
+app.command("transfer")(task_vector_cmds.transfer)
+app.command("merge")(task_vector_cmds.merge)
+app.command("lines")(task_vector_cmds.lines)
 
 
 @app.callback()

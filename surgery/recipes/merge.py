@@ -93,11 +93,12 @@ def merge(base, models: Sequence, output, *, method: str = "task_arithmetic", we
           density: float | None = None, lam: float = 1.0, scope: str = "tensor", seed: int = 0,
           lines: bool = False, alpha: float | None = None, beta: float = 0.0, dtype: str | None = None,
           device: str = "auto", max_shard_size=DEFAULT_MAX_SHARD_SIZE, force: bool = False,
-          progress=None) -> Path:
+          progress=None, dry_run: bool = False):
     """Merge ``models`` (fine-tunes of ``base``) into ``output``: ``base + lambda * merged``.
 
     With ``lines``, the merged vector is scaled per block by LiNeS instead, with ``alpha`` defaulting
-    to the paper's rule (see :func:`lines_alpha`).
+    to the paper's rule (see :func:`lines_alpha`); ``dry_run`` returns each tensor's lambda instead
+    of writing.
     """
     ckpts = open_checkpoints([base, *models])
     base_c, model_cs = ckpts[0], ckpts[1:]
@@ -109,8 +110,10 @@ def merge(base, models: Sequence, output, *, method: str = "task_arithmetic", we
     if lines:
         if alpha is None:
             alpha = lines_alpha(tvs, merged, device)
-        merged, _ = lines_scaled(merged, alpha, beta, base_c.config)
+        merged, lambdas = lines_scaled(merged, alpha, beta, base_c.config)
         info.update(lines={"alpha": alpha, "beta": beta})
+        if dry_run:
+            return lambdas
     model = (merged * lam).apply_to(base_c)
     recipe = {"operation": "merge", **info, "lambda": lam, "dtype": dtype, "base": base_c.source,
               "models": [m.source for m in model_cs]}
