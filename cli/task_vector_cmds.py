@@ -17,7 +17,7 @@ def diff(
     ft: str = typer.Argument(..., help="Fine-tuned checkpoint."),
     base: str = typer.Argument(..., help="The base it was fine-tuned from."),
     output: Path = OUTPUT,
-    dtype: Optional[str] = typer.Option(None, help="Storage dtype of the delta; default float32 (lossless for bf16/fp16 inputs)."),
+    dtype: Optional[str] = typer.Option(None, help="Storage dtype of the delta; default one precision up (bf16->fp32, fp32->fp64): lossless."),
     device: str = typer.Option("auto", help=DEVICE_HELP),
     max_shard_size: str = typer.Option("5GB", help=SHARD_HELP),
     force: bool = FORCE,
@@ -59,7 +59,7 @@ def transfer(
 def merge(
     models: List[str] = typer.Argument(..., help="Fine-tunes of the base."),
     base: str = typer.Option(..., "--base", help="The common base."),
-    output: Path = OUTPUT,
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Output folder (created only when complete)."),
     method: str = typer.Option("task_arithmetic", help="task_arithmetic, ties, dare_linear or dare_ties."),
     weights: Optional[str] = typer.Option(None, help="Comma-separated weight per model (default 1 each)."),
     density: Optional[float] = typer.Option(None, help="Fraction kept: TIES top-k (default 0.2), DARE 1-p (default 0.1)."),
@@ -79,6 +79,8 @@ def merge(
     """Merge fine-tunes of one base: BASE + lambda * merged task vector."""
     if dry_run and not lines:
         fail("--dry-run prints LiNeS lambdas: use it with --lines")
+    if output is None and not dry_run:
+        fail("give --output (or --lines --dry-run)")
     w = parse_floats(weights, "--weights")
     with reported_errors(), tensor_progress("merge", quiet) as progress:
         from surgery.recipes.merge import merge as run

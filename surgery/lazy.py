@@ -102,8 +102,9 @@ class Lazy:
         return replace(self, tensors=tensors)
 
     def plan(self, max_shard_size=DEFAULT_MAX_SHARD_SIZE, recipe: dict | None = None) -> Plan:
+        """Task-vector arithmetic runs in float64 (see :mod:`surgery.ops.common`)."""
         return Plan([c.source for c in self.inputs], list(self.tensors.values()), max_shard_size,
-                    recipe=recipe or {"history": list(self.history)})
+                    recipe=recipe or {"history": list(self.history)}, compute_dtype="F64")
 
 
 def _is_float(t: OutputTensor) -> bool:
@@ -183,7 +184,19 @@ class TaskVector:
                 problems.append(f"tensor {name!r} is in {base_c.source} but not in {ft_c.source}")
         if problems:
             raise IncompatibleInputsError(problems)
-        tied = {h: e for h, e in ft_c.tied.items() if h in base_c}
+        tied = {}
+        for head, embedding in ft_c.tied.items():
+            if head in base_c.tensors:  # the fine-tune ties its head, the base stores one: a real delta
+                spec = TensorSpec(head, ft_c.tensors[embedding].dtype, ft_c.tensors[embedding].shape)
+                if base_c.tensors[head].shape != spec.shape:
+                    problems.append(f"tensor {head!r} has shape {list(base_c.tensors[head].shape)} in "
+                                    f"{base_c.source} but {list(spec.shape)} (tied) in {ft_c.source}")
+                    continue
+                tensors[head] = OutputTensor(spec, Call.of("sub", [Ref(0, embedding), Ref(1, head)]))
+            elif head in base_c:
+                tied[head] = embedding
+        if problems:
+            raise IncompatibleInputsError(problems)
         lazy = Lazy((ft_c, base_c), tensors, tied, ft_c.root, ({"diff": [ft_c.source, base_c.source]},))
         return cls(lazy, {"ft": ft_c.source, "base": base_c.source})
 
@@ -257,18 +270,20 @@ class TaskVector:
                 tensors[name] = OutputTensor(TensorSpec(name, t.spec.dtype, t.spec.shape), t.expr)
                 continue
             delta = remap(d.expr, mapping)
+            shape = t.spec.shape
+            if _rows_grow(name, shape, d.spec.shape):  # the fine-tune added tokens: they arrive whole
+                tensors[name] = OutputTensor(TensorSpec(name, t.spec.dtype, d.spec.shape),
+                                             Call.of("add_with_new_rows", [t.expr, delta], factor=float(scale)))
+                continue
             if scale != 1.0:
                 delta = Call.of("scale", [delta], factor=float(scale))
-            shape, target_expr = t.spec.shape, t.expr
-            if _rows_grow(name, shape, d.spec.shape):  # the fine-tune added tokens: they arrive whole
-                shape, target_expr = d.spec.shape, Call.of("pad_rows", [t.expr], rows=d.spec.shape[0])
-            elif _rows_grow(name, d.spec.shape, shape):  # the target added tokens: they stay as they are
+            if _rows_grow(name, d.spec.shape, shape):  # the target added tokens: they stay as they are
                 delta = Call.of("pad_rows", [delta], rows=shape[0])
             elif d.spec.shape != shape:
                 problems.append(f"tensor {name!r} has shape {list(shape)} in the target {_where(target)} "
                                 f"but {list(d.spec.shape)} in the task vector")
                 continue
-            tensors[name] = OutputTensor(TensorSpec(name, t.spec.dtype, shape), Call.of("add", [target_expr, delta]))
+            tensors[name] = OutputTensor(TensorSpec(name, t.spec.dtype, shape), Call.of("add", [t.expr, delta]))
         for name in self.lazy.tensors:
             if name not in target:
                 problems.append(f"tensor {name!r} is in the task vector but not in the target {_where(target)}")

@@ -20,6 +20,7 @@ from ..errors import SurgeryError
 from ..io.checkpoint import Checkpoint, open_checkpoint
 from ..io.read import TORCH_DTYPES
 from ..io.writer import Shard, ShardWriter
+from ..ops.common import compute_dtype
 from ..ops.registry import get_operation
 from .plan import Call, Expr, Plan, Ref, refs
 from .stream import DEFAULT_READ_AHEAD_BYTES, job_bytes, stream_inputs
@@ -123,7 +124,7 @@ def execute(plan: Plan, folder: Path, *, checkpoints: Sequence[Checkpoint] | Non
     writer_thread.start()
     done_bytes = 0
     try:
-        with contextlib.closing(stream_inputs(ckpts, jobs, dev, read_ahead_bytes, io_threads,
+        with compute_dtype(TORCH_DTYPES[plan.compute_dtype]), contextlib.closing(stream_inputs(ckpts, jobs, dev, read_ahead_bytes, io_threads,
                                                   digests, hash_inputs)) as stream:
             for count, ((i, name), loaded, nbytes) in enumerate(stream, start=1):
                 spec = exprs[name].spec

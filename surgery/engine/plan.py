@@ -64,6 +64,7 @@ class Plan:
     max_shard_size: int = DEFAULT_MAX_SHARD_SIZE
     allow_pickle: bool = False
     recipe: dict = field(default_factory=dict)  # what the user asked for, for the model card
+    compute_dtype: str = "F32"  # precision of the arithmetic ("F32" or "F64"); results are cast once
 
     def __post_init__(self):
         self.max_shard_size = parse_size(self.max_shard_size)
@@ -77,7 +78,7 @@ class Plan:
     # -- plain data --------------------------------------------------------------------------
     def to_dict(self) -> dict:
         return {"inputs": self.inputs, "max_shard_size": self.max_shard_size, "allow_pickle": self.allow_pickle,
-                "recipe": self.recipe,
+                "recipe": self.recipe, "compute_dtype": self.compute_dtype,
                 "tensors": [{"name": t.spec.name, "dtype": t.spec.dtype, "shape": list(t.spec.shape),
                              "expr": _expr_to_data(t.expr)} for t in self.tensors]}
 
@@ -86,7 +87,7 @@ class Plan:
         tensors = [OutputTensor(TensorSpec(t["name"], t["dtype"], tuple(t["shape"])), _expr_from_data(t["expr"]))
                    for t in data["tensors"]]
         return cls(list(data["inputs"]), tensors, data["max_shard_size"], data.get("allow_pickle", False),
-                   data.get("recipe", {}))
+                   data.get("recipe", {}), data.get("compute_dtype", "F32"))
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict())

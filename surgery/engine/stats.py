@@ -13,24 +13,32 @@ from typing import Callable, Sequence
 import torch
 
 from ..io.checkpoint import Checkpoint
+from ..io.read import TORCH_DTYPES
+from ..ops.common import compute_dtype
 from .executor import evaluate, resolve_device
 from .plan import Expr, refs
 from .stream import stream_inputs
 
 
 def reduce_pass(ckpts: Sequence[Checkpoint], items: Sequence[tuple[str, Sequence[Expr]]],
-                fn: Callable[[str, list[torch.Tensor]], None], device="auto") -> None:
-    """For each ``(name, exprs)``, call ``fn(name, [evaluated exprs])``, streaming each input once."""
+                fn: Callable[[str, list[torch.Tensor]], None], device="auto", precision: str = "F64") -> None:
+    """For each ``(name, exprs)``, call ``fn(name, [evaluated exprs])``, streaming each input once.
+
+    ``precision`` must be the writing pass's compute dtype, so statistics see the very values the
+    output is made of."""
     dev = resolve_device(device)
     jobs = [(name, list(dict.fromkeys(r for e in exprs for r in refs(e)))) for name, exprs in items]
     by_name = dict(items)
-    with contextlib.closing(stream_inputs(ckpts, jobs, dev)) as stream:
+    with compute_dtype(TORCH_DTYPES[precision]), contextlib.closing(stream_inputs(ckpts, jobs, dev)) as stream:
         for name, loaded, _ in stream:
             fn(name, [evaluate(e, loaded) for e in by_name[name]])
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
-    """float32 magnitudes as int32 bit patterns, which order exactly as the values do."""
+    """float32 magnitudes as int32 bit patterns, which order exactly as the values do.
+
+    Global top-k ranks float32 magnitudes (``trim_threshold`` compares the same way): a task vector of
+    bf16 or fp32 weights computed in float64 rounds to exactly the float32 difference."""
     return t.detach().abs().to(torch.float32).reshape(-1).view(torch.int32)
 
 

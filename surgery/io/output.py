@@ -18,6 +18,11 @@ SIDECAR_SUFFIXES = (".json", ".txt", ".model", ".jinja", ".tiktoken", ".py")
 WEIGHT_FILE_MARKERS = (".safetensors", ".index.json", ".bin", ".pt", ".pth", ".msgpack", ".h5", ".onnx", ".gguf")
 
 
+def is_sidecar(name: str) -> bool:
+    """Small files that travel with the weights: config, generation config, tokenizer, custom code."""
+    return name != "README.md" and not any(m in name for m in WEIGHT_FILE_MARKERS) and name.endswith(SIDECAR_SUFFIXES)
+
+
 def check_output(output: str | os.PathLike, inputs: list[Path], force: bool) -> Path:
     """Refuse an output that exists (without ``force``) or that would overwrite or contain an input."""
     out = Path(output).expanduser().resolve()
@@ -104,24 +109,29 @@ def copy_tokenizer(source: Path, dest: Path) -> list[str]:
     """Copy (over any already there) the tokenizer and chat template files of ``source``."""
     copied = []
     for p in sorted(Path(source).iterdir()):
-        if p.is_file() and (p.name in TOKENIZER_FILES or p.suffix in (".tiktoken", ".jinja")):
+        if p.is_file() and is_tokenizer_file(p.name):
             shutil.copyfile(p, dest / p.name)
             copied.append(p.name)
     return copied
 
 
-def copy_sidecars(source: Path, dest: Path, config_overrides: dict | None = None) -> list[str]:
+def is_tokenizer_file(name: str) -> bool:
+    return name in TOKENIZER_FILES or name.endswith((".tiktoken", ".jinja"))
+
+
+def copy_sidecars(source: Path, dest: Path, config_overrides: dict | None = None,
+                  skip_tokenizer: bool = False) -> list[str]:
     """Copy config, generation config, tokenizer and other small non-weight files from ``source``.
 
     ``config_overrides`` are merged into ``config.json`` (for example when the output unties a head
-    or changes dtype). A README is never copied: the output gets its own model card.
+    or changes dtype). A README is never copied: the output gets its own model card. With
+    ``skip_tokenizer`` the tokenizer and chat template are left out (they come from elsewhere).
     """
     import json
 
     copied = []
     for p in sorted(Path(source).iterdir()):
-        if not p.is_file() or p.name == "README.md" or any(m in p.name for m in WEIGHT_FILE_MARKERS[1:]) \
-                or p.name.endswith(".safetensors") or not p.name.endswith(SIDECAR_SUFFIXES):
+        if not p.is_file() or not is_sidecar(p.name) or (skip_tokenizer and is_tokenizer_file(p.name)):
             continue
         if p.name == "config.json" and config_overrides:
             config = json.loads(p.read_text())

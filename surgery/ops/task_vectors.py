@@ -37,3 +37,17 @@ def pad_rows(tensors: list[torch.Tensor], *, rows: int) -> torch.Tensor:
     out = torch.zeros((rows, *t.shape[1:]), dtype=t.dtype, device=t.device)
     out[: t.shape[0]] = t
     return out
+
+
+@operation("add_with_new_rows")
+def add_with_new_rows(tensors: list[torch.Tensor], *, factor: float) -> torch.Tensor:
+    """``target + factor * delta`` on the target's rows; the delta's further rows as they are.
+
+    For a fine-tune that grew the vocabulary: against a zero-padded base, the delta's new rows are
+    the fine-tune's own rows, and they must arrive unscaled (there is nothing of the target's to
+    interpolate with)."""
+    target, delta = compute(tensors[0]), compute(tensors[1])
+    out = delta.clone()
+    n = target.shape[0]
+    out[:n] = target + delta[:n] * factor
+    return out

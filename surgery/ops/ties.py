@@ -32,9 +32,11 @@ def trim_topk(tensors: list[torch.Tensor], *, density: float) -> torch.Tensor:
 
 @operation("trim_threshold", elementwise=True)
 def trim_threshold(tensors: list[torch.Tensor], *, threshold: float) -> torch.Tensor:
-    """Zero entries whose magnitude is below a threshold found over the whole model (global top-k)."""
+    """Zero entries whose magnitude is below a threshold found over the whole model (global top-k).
+
+    Magnitudes are compared in float32, the precision the threshold was ranked in."""
     t = compute(tensors[0])
-    return torch.where(t.abs() >= threshold, t, torch.zeros_like(t))
+    return torch.where(t.abs().to(torch.float32) >= threshold, t, torch.zeros_like(t))
 
 
 @operation("sign_consensus_mean", elementwise=True)

@@ -15,9 +15,10 @@ def save_delta(tv: TaskVector, output, *, dtype: str | None = None, device: str 
     """Write ``tv`` as safetensors plus ``surgery_delta.json`` naming its sources and their content
     hashes (computed while the tensors stream, not by a second read). The fine-tuned source's config
     and tokenizer are kept under ``ft_files/`` so that a later transfer can take the tokenizer from it."""
-    # Stored in float32 by default: the difference of two bf16 weights is not a bf16 number, and a
-    # rounded delta would make every later transfer inexact.
-    lazy = tv.lazy.with_dtype(dtype) if dtype else _at_least_float32(tv.lazy)
+    # Stored one precision up by default (bf16/fp16 -> float32, float32 -> float64): the difference
+    # of two weights is not, in general, a number of their dtype, and a rounded delta would make
+    # every later transfer inexact.
+    lazy = tv.lazy.with_dtype(dtype) if dtype else _one_precision_up(tv.lazy)
     plan = lazy.plan(max_shard_size, {"operation": "diff", **tv.sources, "dtype": dtype})
     ckpts = list(lazy.inputs)
     roles = {"ft": tv.sources.get("ft"), "base": tv.sources.get("base")}
@@ -37,15 +38,17 @@ def save_delta(tv: TaskVector, output, *, dtype: str | None = None, device: str 
                     tags=("task-vector",), device=device, progress=progress, hash_inputs=hashed)
 
 
-def _at_least_float32(lazy):
+WIDER = {"BF16": "F32", "F16": "F32", "F8_E4M3": "F32", "F8_E5M2": "F32", "F32": "F64"}
+
+
+def _one_precision_up(lazy):
     from dataclasses import replace
 
     from ..engine.plan import OutputTensor
     from ..io.writer import TensorSpec
 
-    tensors = {n: OutputTensor(TensorSpec(n, "F32", t.spec.shape), t.expr)
-               if t.spec.dtype in ("BF16", "F16", "F8_E4M3", "F8_E5M2") else t
-               for n, t in lazy.tensors.items()}
+    tensors = {n: OutputTensor(TensorSpec(n, WIDER[t.spec.dtype], t.spec.shape), t.expr)
+               if t.spec.dtype in WIDER else t for n, t in lazy.tensors.items()}
     return replace(lazy, tensors=tensors)
 
 

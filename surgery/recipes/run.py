@@ -76,10 +76,11 @@ def run_plan(plan: Plan, output, ckpts: list[Checkpoint], *, force: bool = False
         if digests is not None:
             plan.recipe["content_sha256"] = {ckpts[i].source: content_hash(digests, i) for i in hash_inputs}
         write_index(tmp, shards)
+        tokenizer_dir = Path(tokenizer_from) if tokenizer_from is not None and Path(tokenizer_from).is_dir() else None
         if copy_config:
-            copy_sidecars(sidecars, tmp, overrides)
-        if tokenizer_from is not None and Path(tokenizer_from).is_dir():
-            copy_tokenizer(Path(tokenizer_from), tmp)
+            copy_sidecars(sidecars, tmp, overrides, skip_tokenizer=tokenizer_dir is not None)
+        if tokenizer_dir is not None:
+            copy_tokenizer(tokenizer_dir, tmp)
         if extra_files is not None:
             extra_files(tmp)
         write_card(tmp, plan.recipe, ckpts, list(tags), title=out.name)
