@@ -102,14 +102,14 @@ def _sentence(rng: random.Random, held: bool):
 
 
 def make_split(split: str, n: int, seed: int = SEED, noise: float = 0.0) -> list[tuple[str, int]]:
-    """``n`` (text, label) pairs. ``split`` is "train", "val" or "test"; only "test" is shifted.
+    """``n`` (text, label) pairs. ``split`` is "train", "val" or "test"; "val" and "test" are shifted.
 
     A fraction ``noise`` of the labels is replaced by a different, random label.
     """
     rng = random.Random(f"{seed}-{split}")
     out = []
     for _ in range(n):
-        text, label = _sentence(rng, held=(split == "test"))
+        text, label = _sentence(rng, held=(split != "train"))
         if rng.random() < noise:
             label = rng.choice([k for k in range(len(LABELS)) if k != label])
         out.append((text, label))
@@ -147,7 +147,10 @@ def minilm_folder() -> Path:
     return Path(list(spec.submodule_search_locations)[0]) / "model"
 
 
-def accuracy(model, tokenizer, data: list[tuple[str, int]], batch: int = 100) -> float:
+EVAL_BATCH = 100
+
+
+def accuracy(model, tokenizer, data: list[tuple[str, int]], batch: int = EVAL_BATCH) -> float:
     """Fraction of ``data`` that ``model`` labels correctly (eval mode, no gradients)."""
     import torch
 
