@@ -11,6 +11,7 @@ from ..io.checkpoint import Checkpoint
 class Alignment:
     names: list[str]  # output tensor names, in the layout source's order
     untied: list[str]  # heads the layout source ties but another input stores: the output stores them
+    buffers: dict[str, int]  # integer/bool tensors only some inputs have -> the input to copy them from
 
 
 def align(ckpts: list[Checkpoint], layout: int = 0) -> Alignment:
@@ -18,27 +19,36 @@ def align(ckpts: list[Checkpoint], layout: int = 0) -> Alignment:
 
     The output follows input ``layout``. A head that it ties but another input stores is added to
     the output (read from the embedding for tied inputs), so no input's head is silently dropped.
+    Integer and bool buffers need not be in every input (transformers 5 no longer saves
+    ``position_ids``, older checkpoints have them): they are copied from the first input that has one.
     """
     first = ckpts[layout]
     names = list(first.tensors)
     untied = []
+    buffers: dict[str, int] = {}
     problems = []
-    for other in ckpts:
+    for k, other in enumerate(ckpts):
         if other is first:
             continue
-        for name in other.tensors:
-            if name not in first.tensors:
-                if name in first.tied:
-                    if name not in untied:
-                        untied.append(name)
-                        names.append(name)
-                else:
-                    problems.append(f"tensor {name!r} is in {other.source} but not in {first.source}")
+        for name, info in other.tensors.items():
+            if name in first.tensors or name in names:
+                continue
+            if name in first.tied:
+                untied.append(name)
+                names.append(name)
+            elif not info.is_float:
+                buffers[name] = k
+                names.append(name)
+            else:
+                problems.append(f"tensor {name!r} is in {other.source} but not in {first.source}")
     for name in names:
-        ref = first.resolve(name)
+        ref = first.resolve(name) or ckpts[buffers[name]].resolve(name)
         for other in ckpts:
             info = other.resolve(name)
             if info is None:
+                if not ref.is_float:
+                    buffers.setdefault(name, layout)
+                    continue
                 problems.append(f"tensor {name!r} is missing from {other.source}")
             elif info.shape != ref.shape:
                 problems.append(f"tensor {name!r} has shape {list(info.shape)} in {info.file} "
@@ -47,4 +57,4 @@ def align(ckpts: list[Checkpoint], layout: int = 0) -> Alignment:
                 problems.append(f"tensor {name!r} is {info.dtype} in {info.file} but {ref.dtype} in {ref.file}")
     if problems:
         raise IncompatibleInputsError(problems)
-    return Alignment(names, untied)
+    return Alignment(names, untied, buffers)

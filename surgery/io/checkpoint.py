@@ -113,8 +113,8 @@ def _open_file(source: str, path: Path, allow_pickle: bool) -> Checkpoint:
         return _open_folder(source, path.parent, allow_pickle, index=path)
     if path.suffix in (".bin", ".pt", ".pth"):
         return _open_pickle(source, path.parent, [path], allow_pickle)
-    tensors, _ = read_header(str(path.resolve()))
-    return _finish(source, path.parent, tensors, [str(path.resolve())])
+    tensors, _ = read_header(str(path.absolute()))
+    return _finish(source, path.parent, tensors, [str(path.absolute())])
 
 
 def _open_folder(source: str, folder: Path, allow_pickle: bool, index: Path | None = None) -> Checkpoint:
@@ -132,13 +132,13 @@ def _open_folder(source: str, folder: Path, allow_pickle: bool, index: Path | No
     if files:
         tensors: dict[str, TensorInfo] = {}
         for f in files:
-            part, _ = read_header(str(f.resolve()))
+            part, _ = read_header(str(f.absolute()))
             for name in part:
                 if name in tensors:
                     raise CheckpointError(f"tensor appears in two files without an index (also in {tensors[name].file})",
                                           file=str(f), tensor=name)
             tensors.update(part)
-        return _finish(source, folder, tensors, [str(f.resolve()) for f in files])
+        return _finish(source, folder, tensors, [str(f.absolute()) for f in files])
     pickled = [folder / n for n in PICKLE_NAMES if (folder / n).exists()]
     if pickled:
         if pickled[0].name.endswith(".index.json"):
@@ -174,12 +174,19 @@ def _open_index(source: str, folder: Path, index: Path) -> Checkpoint:
 
 
 def _inside(folder: Path, relative: str, index: Path, tensor: str | None = None) -> Path:
-    """Resolve an index entry, refusing any that escapes the checkpoint folder (absolute, ``..``, symlinks)."""
-    root = folder.resolve()
-    target = (root / relative).resolve()
-    if not isinstance(relative, str) or os.path.isabs(relative) or not target.is_relative_to(root):
+    """Resolve an index entry, refusing any that escapes the checkpoint folder (absolute, ``..``).
+
+    The check is on the normalised path, not on symlink targets: in a Hugging Face cache every
+    snapshot file is a symlink into the shared blob store, and that is where it is meant to point.
+    Paths stay unresolved so files keep their real names (not blob hashes) in reports and errors.
+    """
+    root = os.path.normpath(os.path.abspath(folder))
+    if not isinstance(relative, str) or os.path.isabs(relative) or "\0" in relative:
         raise CheckpointError(f"index entry {relative!r} points outside the checkpoint folder", file=str(index), tensor=tensor)
-    return target
+    target = os.path.normpath(os.path.join(root, relative))
+    if os.path.commonpath([root, target]) != root or target == root:
+        raise CheckpointError(f"index entry {relative!r} points outside the checkpoint folder", file=str(index), tensor=tensor)
+    return Path(target)
 
 
 def _open_pickle(source: str, folder: Path, files: list[Path], allow_pickle: bool) -> Checkpoint:
@@ -191,8 +198,8 @@ def _open_pickle(source: str, folder: Path, files: list[Path], allow_pickle: boo
 
     tensors: dict[str, TensorInfo] = {}
     for f in files:
-        tensors.update(pickle_tensor_infos(str(f.resolve())))
-    ckpt = _finish(source, folder, tensors, [str(f.resolve()) for f in files])
+        tensors.update(pickle_tensor_infos(str(f.absolute())))
+    ckpt = _finish(source, folder, tensors, [str(f.absolute()) for f in files])
     ckpt.pickled = True
     return ckpt
 
@@ -204,17 +211,33 @@ def _finish(source: str, folder: Path, tensors: dict[str, TensorInfo], files: li
 
 
 def _tied_heads(tensors: dict[str, TensorInfo], config: dict | None) -> dict[str, str]:
-    """Heads absent from the file because the config ties them to the input embedding."""
+    """The head absent from the file because the config ties it to the input embedding.
+
+    Which head a model has comes from its architecture: causal and seq2seq LMs have ``lm_head``,
+    BERT-style masked LMs ``cls.predictions.decoder``, and a bare encoder (``BertModel``) none.
+    """
     if config is None:
         return {}
     text_config = config.get("text_config") if isinstance(config.get("text_config"), dict) else {}
+    explicit = config.get("tie_word_embeddings", text_config.get("tie_word_embeddings"))
     # transformers' default for tie_word_embeddings is True when a config does not say.
-    if not config.get("tie_word_embeddings", text_config.get("tie_word_embeddings", True)):
+    if explicit is False:
+        return {}
+    head = _head_name(config.get("architectures") or [], explicit is True)
+    if head is None or head in tensors:
         return {}
     embeddings = [n for n in tensors if n.endswith(EMBEDDING_SUFFIXES) and len(tensors[n].shape) == 2]
-    if len(embeddings) != 1:
-        return {}
-    return {head: embeddings[0] for head in TIED_HEAD_NAMES if head not in tensors}
+    return {head: embeddings[0]} if len(embeddings) == 1 else {}
+
+
+def _head_name(architectures: list[str], explicitly_tied: bool) -> str | None:
+    for arch in architectures:
+        if arch.endswith(("ForMaskedLM", "ForPreTraining")):
+            return "cls.predictions.decoder.weight"
+        if arch.endswith(("ForCausalLM", "LMHeadModel", "ForConditionalGeneration", "ForSeq2SeqLM")):
+            return "lm_head.weight"
+    # No architecture recorded: only a config that says it ties has a tied lm_head.
+    return "lm_head.weight" if explicitly_tied and not architectures else None
 
 
 def _load_json(path: Path):

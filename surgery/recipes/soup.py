@@ -45,11 +45,12 @@ def plan_soup(ckpts: list[Checkpoint], weights: list[float], dtype: str | None =
     out_dtype = parse_dtype(dtype)
     tensors = []
     for name in aligned.names:
-        first = ckpts[0].resolve(name)
+        source = aligned.buffers.get(name, 0)
+        first = ckpts[source].resolve(name)
         if first.is_float:
             expr = Call.of("weighted_sum", [Ref(i, c.resolve(name).name) for i, c in enumerate(ckpts)], weights=weights)
         else:  # integer and bool buffers (position ids, masks) are carried, never averaged
-            expr = Call.of("copy", [Ref(0, first.name)])
+            expr = Call.of("copy", [Ref(source, first.name)])
         spec_dtype = out_dtype if (out_dtype and first.is_float) else first.dtype
         tensors.append(OutputTensor(TensorSpec(name, spec_dtype, first.shape), expr))
     plan = Plan([c.source for c in ckpts], tensors, max_shard_size, recipe=recipe or {})
