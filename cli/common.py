@@ -15,6 +15,14 @@ DTYPE_HELP = "Output dtype of floating tensors (bf16, fp16, fp32, fp64); default
 SHARD_HELP = "Largest output shard, e.g. 5GB, 200MB, 2GiB."
 CONFIG_HELP = "Input (or folder) to copy config, generation config and tokenizer from; default: the first input."
 
+# Options every writing command takes (one definition, so they read the same everywhere).
+OUTPUT = typer.Option(..., "--output", "-o", help="Output folder (created only when complete).")
+DEVICE = typer.Option("auto", help=DEVICE_HELP)
+SHARD = typer.Option("5GB", help=SHARD_HELP)
+FORCE = typer.Option(False, "--force", help="Replace an existing output folder.")
+QUIET = typer.Option(False, "--quiet", "-q", help="No progress bar.")
+ALLOW_PICKLE = typer.Option(False, "--allow-pickle", help="Accept pickled .bin inputs (weights_only load).")
+
 
 def fail(message: str, code: int = 1) -> None:
     typer.echo(f"error: {message}", err=True)

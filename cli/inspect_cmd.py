@@ -7,7 +7,7 @@ from typing import List
 
 import typer
 
-from .common import DEVICE_HELP, reported_errors
+from .common import ALLOW_PICKLE, DEVICE_HELP, reported_errors
 
 
 def _human(n: float) -> str:
@@ -25,7 +25,7 @@ def inspect(
                                    help="With several checkpoints, stream weights for relative L2 distances."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
     device: str = typer.Option("cpu", help=DEVICE_HELP),
-    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Accept pickled .bin inputs (weights_only load)."),
+    allow_pickle: bool = ALLOW_PICKLE,
 ) -> None:
     """Names, shapes, dtypes, parameter counts and shard layout; with several checkpoints, what differs."""
     with reported_errors():

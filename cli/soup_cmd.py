@@ -6,24 +6,25 @@ from typing import List, Optional
 
 import typer
 
-from .common import CONFIG_HELP, DEVICE_HELP, DTYPE_HELP, SHARD_HELP, fail, parse_floats, reported_errors, tensor_progress
+from .common import (ALLOW_PICKLE, CONFIG_HELP, DEVICE, DTYPE_HELP, FORCE, OUTPUT, QUIET, SHARD, fail, parse_floats,
+                     reported_errors, tensor_progress)
 
 
 def soup(
     inputs: List[str] = typer.Argument(..., help="Checkpoints: folders, .safetensors files or Hub ids org/name[@rev]."),
-    output: Path = typer.Option(..., "--output", "-o", help="Output folder (created only when complete)."),
+    output: Path = OUTPUT,
     weights: Optional[str] = typer.Option(None, help="Comma-separated weights, one per input, e.g. 0.5,0.3,0.2."),
     normalize: bool = typer.Option(True, "--normalize/--no-normalize", help="Scale weights to sum to 1."),
     greedy: bool = typer.Option(False, "--greedy", help="Greedy soup: add ingredients only while the score improves."),
     score_cmd: Optional[str] = typer.Option(None, "--score-cmd",
                                             help="Shell command scoring {model}; its last line is the score (higher is better)."),
     dtype: Optional[str] = typer.Option(None, help=DTYPE_HELP),
-    device: str = typer.Option("auto", help=DEVICE_HELP),
-    max_shard_size: str = typer.Option("5GB", help=SHARD_HELP),
+    device: str = DEVICE,
+    max_shard_size: str = SHARD,
     config_from: Optional[str] = typer.Option(None, help=CONFIG_HELP),
-    force: bool = typer.Option(False, "--force", help="Replace an existing output folder."),
-    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Accept pickled .bin inputs (weights_only load)."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+    force: bool = FORCE,
+    allow_pickle: bool = ALLOW_PICKLE,
+    quiet: bool = QUIET,
 ) -> None:
     """Average checkpoints tensor by tensor (a model soup)."""
     w = parse_floats(weights, "--weights")

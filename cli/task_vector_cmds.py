@@ -6,11 +6,7 @@ from typing import List, Optional
 
 import typer
 
-from .common import DEVICE_HELP, DTYPE_HELP, SHARD_HELP, fail, parse_floats, reported_errors, tensor_progress
-
-OUTPUT = typer.Option(..., "--output", "-o", help="Output folder (created only when complete).")
-FORCE = typer.Option(False, "--force", help="Replace an existing output folder.")
-QUIET = typer.Option(False, "--quiet", "-q", help="No progress bar.")
+from .common import DEVICE, DTYPE_HELP, FORCE, OUTPUT, QUIET, SHARD, fail, parse_floats, reported_errors, tensor_progress
 
 
 def diff(
@@ -18,8 +14,8 @@ def diff(
     base: str = typer.Argument(..., help="The base it was fine-tuned from."),
     output: Path = OUTPUT,
     dtype: Optional[str] = typer.Option(None, help="Storage dtype of the delta; default one precision up (bf16->fp32, fp32->fp64): lossless."),
-    device: str = typer.Option("auto", help=DEVICE_HELP),
-    max_shard_size: str = typer.Option("5GB", help=SHARD_HELP),
+    device: str = DEVICE,
+    max_shard_size: str = SHARD,
     force: bool = FORCE,
     quiet: bool = QUIET,
 ) -> None:
@@ -41,8 +37,8 @@ def transfer(
     scale: float = typer.Option(1.0, help="Scale of the transferred difference."),
     keep_target: bool = typer.Option(False, "--keep-target", help="Copy target tensors the difference lacks."),
     dtype: Optional[str] = typer.Option(None, help=DTYPE_HELP.replace("first input", "target")),
-    device: str = typer.Option("auto", help=DEVICE_HELP),
-    max_shard_size: str = typer.Option("5GB", help=SHARD_HELP),
+    device: str = DEVICE,
+    max_shard_size: str = SHARD,
     force: bool = FORCE,
     quiet: bool = QUIET,
 ) -> None:
@@ -59,7 +55,7 @@ def transfer(
 def merge(
     models: List[str] = typer.Argument(..., help="Fine-tunes of the base."),
     base: str = typer.Option(..., "--base", help="The common base."),
-    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Output folder (created only when complete)."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Output folder (not with --dry-run)."),
     method: str = typer.Option("task_arithmetic", help="task_arithmetic, ties, dare_linear or dare_ties."),
     weights: Optional[str] = typer.Option(None, help="Comma-separated weight per model (default 1 each)."),
     density: Optional[float] = typer.Option(None, help="Fraction kept: TIES top-k (default 0.2), DARE 1-p (default 0.1)."),
@@ -71,8 +67,8 @@ def merge(
     beta: float = typer.Option(0.0, help="LiNeS beta."),
     dry_run: bool = typer.Option(False, "--dry-run", help="With --lines: print each tensor's lambda, write nothing."),
     dtype: Optional[str] = typer.Option(None, help=DTYPE_HELP.replace("first input", "base")),
-    device: str = typer.Option("auto", help=DEVICE_HELP),
-    max_shard_size: str = typer.Option("5GB", help=SHARD_HELP),
+    device: str = DEVICE,
+    max_shard_size: str = SHARD,
     force: bool = FORCE,
     quiet: bool = QUIET,
 ) -> None:
@@ -102,8 +98,8 @@ def lines(
     beta: float = typer.Option(..., help="Added scale at the last block: lambda(l) = alpha + beta*l/(L-1)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print each tensor's lambda, write nothing."),
     dtype: Optional[str] = typer.Option(None, help=DTYPE_HELP.replace("first input", "base")),
-    device: str = typer.Option("auto", help=DEVICE_HELP),
-    max_shard_size: str = typer.Option("5GB", help=SHARD_HELP),
+    device: str = DEVICE,
+    max_shard_size: str = SHARD,
     force: bool = FORCE,
     quiet: bool = QUIET,
 ) -> None:

@@ -167,3 +167,33 @@ def minilm(models_root):
         if p.is_file() and p.name != "model.safetensors" and p.name != "README.md":
             shutil.copyfile(p, variant / p.name)
     return SimpleNamespace(real=real, variant=variant, auto="AutoModel")
+
+
+# -- shared by the task-vector tests ---------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def zoo(tmp_path_factory):
+    """Tiny real models and fine-tunes for diff, transfer, merge and LiNeS (see tv_support)."""
+    from tv_support import get_zoo
+
+    return get_zoo(tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def cli():
+    """Run the CLI through typer's runner; assert success (or, with ok=False, failure)."""
+    from typer.testing import CliRunner
+
+    from surgery_cli.app import app
+
+    runner = CliRunner()
+
+    def invoke(*args, ok=True):
+        result = runner.invoke(app, [str(a) for a in args])
+        if ok:
+            assert result.exit_code == 0, f"exit {result.exit_code}: {result.output}\n{result.exception!r}"
+        else:
+            assert result.exit_code != 0, result.output
+        return result
+
+    return invoke

@@ -6,9 +6,8 @@ import json
 
 import pytest
 import torch
-from typer.testing import CliRunner
 
-from tv_support import (AUTO, LAYER_RE, assert_float32_bound, assert_no_output, expected_lambda, get_zoo, load_state,
+from tv_support import (AUTO, LAYER_RE, assert_float32_bound, assert_no_output, expected_lambda, load_state,
                         read_tensors, task_vector, ties_merge, topk_mask, write_checkpoint)
 
 ALPHA, BETA = 0.3, 0.6
@@ -19,28 +18,6 @@ OUTSIDE = {  # tensors outside the residual blocks that every architecture has: 
     "bert": ["bert.embeddings.word_embeddings.weight", "bert.embeddings.position_embeddings.weight",
              "bert.embeddings.LayerNorm.weight", "cls.predictions.bias", "cls.predictions.transform.dense.weight"],
 }
-
-
-@pytest.fixture(scope="module")
-def zoo(tmp_path_factory):
-    return get_zoo(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def cli():
-    from surgery_cli.app import app
-
-    runner = CliRunner()
-
-    def invoke(*args, ok=True):
-        result = runner.invoke(app, [str(a) for a in args])
-        if ok:
-            assert result.exit_code == 0, f"exit {result.exit_code}: {result.output}\n{result.exception!r}"
-        else:
-            assert result.exit_code != 0, result.output
-        return result
-
-    return invoke
 
 
 def parse_lambdas(output: str) -> dict[str, float]:

@@ -13,30 +13,8 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from tv_support import (assert_float32_bound, assert_no_output, assert_ulp, get_zoo, read_tensors, task_vector,
+from tv_support import (assert_float32_bound, assert_no_output, assert_ulp, read_tensors, task_vector,
                         ties_merge, topk_mask, write_checkpoint)
-
-
-@pytest.fixture(scope="module")
-def zoo(tmp_path_factory):
-    return get_zoo(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def cli():
-    from surgery_cli.app import app
-
-    runner = CliRunner()
-
-    def invoke(*args, ok=True):
-        result = runner.invoke(app, [str(a) for a in args])
-        if ok:
-            assert result.exit_code == 0, f"exit {result.exit_code}: {result.output}\n{result.exception!r}"
-        else:
-            assert result.exit_code != 0, result.output
-        return result
-
-    return invoke
 
 
 def op(name):

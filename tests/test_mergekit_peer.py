@@ -12,14 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from tv_support import assert_ulp, file_dtypes, get_zoo, read_tensors, task_vector
+from tv_support import assert_ulp, file_dtypes, read_tensors, task_vector
 
 mergekit = pytest.importorskip("mergekit")
-
-
-@pytest.fixture(scope="module")
-def zoo(tmp_path_factory):
-    return get_zoo(tmp_path_factory)
 
 
 def run_mergekit(config: dict, out: Path) -> Path:

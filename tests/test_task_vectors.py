@@ -8,13 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tv_support import (assert_float32_bound, assert_no_output, assert_ulp, content_hash, file_dtypes, get_zoo,
+from tv_support import (assert_float32_bound, assert_no_output, assert_ulp, content_hash, file_dtypes,
                         read_tensors, ulp_distance, write_checkpoint)
-
-
-@pytest.fixture(scope="module")
-def zoo(tmp_path_factory):
-    return get_zoo(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

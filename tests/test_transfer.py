@@ -11,31 +11,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from typer.testing import CliRunner
 
 from tv_support import (AUTO, FT_MAX_LENGTH, FT_TEMPLATE, NEW_TOKENS, assert_no_output, assert_ulp, content_hash,
-                        file_dtypes, get_zoo, load_state, read_tensors, tied_state)
-
-@pytest.fixture(scope="module")
-def zoo(tmp_path_factory):
-    return get_zoo(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def cli():
-    from surgery_cli.app import app
-
-    runner = CliRunner()
-
-    def invoke(*args, ok=True):
-        result = runner.invoke(app, [str(a) for a in args])
-        if ok:
-            assert result.exit_code == 0, f"exit {result.exit_code}: {result.output}\n{result.exception!r}"
-        else:
-            assert result.exit_code != 0, result.output
-        return result
-
-    return invoke
+                        file_dtypes, load_state, read_tensors, tied_state)
 
 
 def transfer_reference(target: Path, base: Path, ft: Path, scale: float, out_dtype: torch.dtype,

@@ -119,19 +119,7 @@ def make_tokenizer(n_words: int, added: tuple[str, ...] = (), chat_template: str
 # Reading checkpoints without the library
 
 
-def weight_files(folder: Path) -> list[Path]:
-    return sorted(Path(folder).glob("*.safetensors"))
-
-
-def read_tensors(folder: Path) -> dict[str, torch.Tensor]:
-    """Every stored tensor of a safetensors folder (single file or shards)."""
-    out: dict[str, torch.Tensor] = {}
-    for f in weight_files(folder):
-        with safe_open(str(f), "pt") as sf:
-            for k in sf.keys():
-                assert k not in out, f"{k} stored twice"
-                out[k] = sf.get_tensor(k)
-    return out
+from _support import read_folder as read_tensors, weight_files  # noqa: E402,F401  (one reader for all tests)
 
 
 def header(path: Path) -> tuple[dict, int]:
