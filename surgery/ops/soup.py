@@ -16,3 +16,13 @@ def weighted_sum(tensors: list[torch.Tensor], *, weights: list[float]) -> torch.
     for w, t in zip(weights[1:], tensors[1:]):
         out.add_(compute(t) * w)  # not in place on t: a float32 input may be shared with another expression
     return out
+
+
+@operation("mean", elementwise=True)
+def mean(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """The uniform soup: the sum divided once by the count, so the mean is correctly rounded in the
+    compute dtype (multiplying each input by a rounded 1/n first is not)."""
+    out = compute(tensors[0]).clone()
+    for t in tensors[1:]:
+        out.add_(compute(t))
+    return out.div_(len(tensors))

@@ -43,12 +43,14 @@ def plan_soup(ckpts: list[Checkpoint], weights: list[float], dtype: str | None =
     """The soup as a plan, and the config overrides the output needs (an untied head)."""
     aligned = align(ckpts)
     out_dtype = parse_dtype(dtype)
+    uniform = all(w == 1.0 / len(ckpts) for w in weights)
     tensors = []
     for name in aligned.names:
         source = aligned.buffers.get(name, 0)
         first = ckpts[source].resolve(name)
         if first.is_float:
-            expr = Call.of("weighted_sum", [Ref(i, c.resolve(name).name) for i, c in enumerate(ckpts)], weights=weights)
+            refs = [Ref(i, c.resolve(name).name) for i, c in enumerate(ckpts)]
+            expr = Call.of("mean", refs) if uniform else Call.of("weighted_sum", refs, weights=weights)
         else:  # integer and bool buffers (position ids, masks) are carried, never averaged
             expr = Call.of("copy", [Ref(source, first.name)])
         spec_dtype = out_dtype if (out_dtype and first.is_float) else first.dtype
