@@ -307,11 +307,24 @@ def warm(files: list[Path]) -> float:
 
 
 def settle(out: Path) -> None:
-    if out.exists():
+    if out.is_dir():
         shutil.rmtree(out)
+    elif out.exists():  # an I/O floor's output file
+        out.unlink()
     for p in out.parent.glob(f".{out.name}.*"):  # surgery's hidden partial folders, if a run died
         shutil.rmtree(p, ignore_errors=True)
     os.sync()
+
+
+def timed(cmd: list[str], outputs: list[Path], files: list[Path], log_path: Path, threads: int | None = None) -> dict:
+    """One timed run on equal terms: delete ``outputs`` and flush dirty pages, warm the page cache with
+    ``files``, then measure ``cmd`` (``warm_s``: how long the warming read took)."""
+    for out in outputs:
+        settle(out)
+    warm_s = warm(files)
+    r = measure(cmd, log_path, threads)
+    r["warm_s"] = warm_s
+    return r
 
 
 IO_FLOOR = r"""
@@ -332,22 +345,30 @@ with open(out, "wb", buffering=0) as f:
 """
 
 
-def tool_commands(tool: str, inputs: list[Path], out: Path, shard: str, work: Path, mergekit_args: list[str]):
+def executable(name: str) -> str:
+    """A console script of this interpreter's environment (else from PATH)."""
     bindir = Path(sys.executable).parent
+    return str(bindir / name if (bindir / name).exists() else shutil.which(name))
+
+
+def mergekit_command(config: Path, out: Path, shard: str, mergekit_args: list[str]) -> list[str]:
+    # --out-shard-size is called a parameter count in mergekit's help, but its writer compares
+    # it with tensor bytes (numel * element_size): the same byte limit as surgery's.
+    return [executable("mergekit-yaml"), str(config), str(out), "--out-shard-size", str(parse_size(shard)),
+            "--no-copy-tokenizer", "--lazy-unpickle", "--quiet", *mergekit_args]
+
+
+def tool_commands(tool: str, inputs: list[Path], out: Path, shard: str, work: Path, mergekit_args: list[str]):
     if tool in ("surgery", "surgery-omp1"):
-        exe = bindir / "surgery" if (bindir / "surgery").exists() else shutil.which("surgery")
-        return [str(exe), "soup", *map(str, inputs), "-o", str(out), "--max-shard-size", shard, "--device", "cpu", "-q"]
+        return [executable("surgery"), "soup", *map(str, inputs), "-o", str(out), "--max-shard-size", shard,
+                "--device", "cpu", "-q"]
     if tool == "mergekit":
-        exe = bindir / "mergekit-yaml" if (bindir / "mergekit-yaml").exists() else shutil.which("mergekit-yaml")
         config = work / "mergekit-linear.yml"
         lines = ["merge_method: linear", "dtype: bfloat16", "models:"]
         for p in inputs:
             lines += [f"  - model: {p}", "    parameters:", "      weight: 1.0"]
         config.write_text("\n".join(lines) + "\n")
-        # --out-shard-size is called a parameter count in mergekit's help, but its writer compares
-        # it with tensor bytes (numel * element_size): the same byte limit as surgery's.
-        return [str(exe), str(config), str(out), "--out-shard-size", str(parse_size(shard)), "--no-copy-tokenizer",
-                "--lazy-unpickle", "--quiet", *mergekit_args]
+        return mergekit_command(config, out, shard, mergekit_args)
     raise ValueError(tool)
 
 
@@ -563,7 +584,11 @@ def baselines(work: Path, with_mergekit: bool, threads: int | None) -> dict:
     return out
 
 
-def run_size(args, cfg: dict, mult: int, models_root: Path, work: Path, tools: list[str]) -> dict:
+def prepare_models(args, cfg: dict, mult: int, models_root: Path) -> tuple[dict, Path, str, dict]:
+    """Build (or, with ``args.keep``, reuse) the checkpoints of one size.
+
+    Returns the scaled config, their folder, its cache key, and the size's record (parameters, shard
+    size, build time, the transformers load check of a freshly built input)."""
     cfg = dict(cfg, layers=cfg["layers"] * mult)
     shard = args.shard_size or cfg["shard"]
     shard_bytes = parse_size(shard)
@@ -587,6 +612,13 @@ def run_size(args, cfg: dict, mult: int, models_root: Path, work: Path, tools: l
         if not args.no_load_check:
             size["input_loads_in_transformers"] = check_loads_in_transformers(model_dirs(root)[0])
             log(f"transformers load of an input: {size['input_loads_in_transformers']}")
+    return cfg, root, key, size
+
+
+def run_size(args, cfg: dict, mult: int, models_root: Path, work: Path, tools: list[str]) -> dict:
+    cfg, root, key, size = prepare_models(args, cfg, mult, models_root)
+    shard = args.shard_size or cfg["shard"]
+    shard_bytes = parse_size(shard)
     inputs = model_dirs(root)
     files = input_files(inputs)
     size["input_bytes_each"] = sum(f.stat().st_size for f in files) // N_MODELS
@@ -600,18 +632,14 @@ def run_size(args, cfg: dict, mult: int, models_root: Path, work: Path, tools: l
     for rep in range(args.repeat):
         for tool in tools:
             out = outs / tool
-            settle(out)
-            warm_s = warm(files)
             if tool == "io-floor":
                 cmd = floor_command(inputs, out.with_suffix(".bin"), out_bytes, fsync=True)
-                settle(out.with_suffix(".bin"))
             elif tool == "io-floor-nofsync":
                 cmd = floor_command(inputs, out.with_suffix(".bin"), out_bytes, fsync=False)
-                settle(out.with_suffix(".bin"))
             else:
                 cmd = tool_commands(tool, inputs, out, shard, work, args.mergekit_arg)
-            r = measure(cmd, logs / f"{key}-{tool}-{rep}.log", 1 if tool == "surgery-omp1" else args.threads)
-            r["warm_s"] = warm_s
+            r = timed(cmd, [out, out.with_suffix(".bin")], files, logs / f"{key}-{tool}-{rep}.log",
+                      1 if tool == "surgery-omp1" else args.threads)
             samples[tool].append(r)
             log(f"x{mult} rep {rep + 1}/{args.repeat} {tool:17s} {r['wall_s']:7.2f}s  {r['peak_rss_mb']:8.1f} MB")
         for p in outs.glob("*.bin"):

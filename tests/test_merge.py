@@ -59,13 +59,19 @@ def test_sign_election_and_disjoint_mean_by_hand():
 
 
 def test_trim_topk_by_hand():
+    from surgery.ops.ties import topk_threshold
+
     t = torch.tensor([0.1, -0.5, 0.3, -0.2, 0.05, 0.4])
-    keep = op("trim_topk")
-    assert keep([t], density=0.5).tolist() == pytest.approx([0, -0.5, 0.3, 0, 0, 0.4])  # k = 3
-    assert keep([t], density=0.1).tolist() == pytest.approx([0, -0.5, 0, 0, 0, 0])  # k = max(1, 0) = 1
-    assert torch.equal(keep([t], density=1.0), t)
+
+    def keep(x, density):
+        threshold = topk_threshold(x.abs().clone(), density)
+        return op("trim_threshold")([x], threshold=threshold)
+
+    assert keep(t, 0.5).tolist() == pytest.approx([0, -0.5, 0.3, 0, 0, 0.4])  # k = 3
+    assert keep(t, 0.1).tolist() == pytest.approx([0, -0.5, 0, 0, 0, 0])  # k = max(1, 0) = 1
+    assert torch.equal(keep(t, 1.0), t)
     tied = torch.tensor([0.3, -0.3, 0.1, 0.2])
-    assert keep([tied], density=0.25).tolist() == pytest.approx([0.3, -0.3, 0, 0])  # |x| >= 1st largest
+    assert keep(tied, 0.25).tolist() == pytest.approx([0.3, -0.3, 0, 0])  # |x| >= 1st largest
     assert op("trim_threshold")([t], threshold=0.3).tolist() == pytest.approx([0, -0.5, 0.3, 0, 0, 0.4])
 
 

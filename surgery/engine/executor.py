@@ -12,7 +12,7 @@ import queue
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 
@@ -57,26 +57,39 @@ def elementwise(expr: Expr) -> bool:
         all(isinstance(a, Ref) or elementwise(a) for a in expr.args)
 
 
-def compute(expr: Expr, loaded: dict[Ref, torch.Tensor], shape: tuple[int, ...], dtype: torch.dtype,
-            device: torch.device) -> torch.Tensor:
-    """The output tensor in its final dtype.
+def blocks(exprs: Sequence[Expr], loaded: dict[Ref, torch.Tensor], numel: int, device: torch.device
+           ) -> Iterator[tuple[int, list[torch.Tensor]]]:
+    """Evaluate ``exprs`` (same-sized results) as ``(start, [flat values])`` pieces, in order.
 
-    On CPU an elementwise expression is evaluated in cache-sized blocks written straight into the
-    output buffer: the same operations in the same order on each element (so the same bits), without
-    whole-tensor float32 temporaries.
+    On CPU, elementwise expressions run in cache-sized blocks on one thread: the same operations in
+    the same order on each element (so the same bits) without whole-tensor temporaries. Otherwise
+    the whole tensor comes as one piece.
     """
-    numel = math.prod(shape)
-    if device.type == "cpu" and numel > BLOCK_ELEMENTS and elementwise(expr) and \
+    if device.type == "cpu" and numel > BLOCK_ELEMENTS and all(elementwise(e) for e in exprs) and \
             all(t.numel() == numel for t in loaded.values()):
-        out = torch.empty(shape, dtype=dtype)
-        flat_out = out.view(-1)
         flat = {r: t.reshape(-1) for r, t in loaded.items()}
         with single_threaded():
             for start in range(0, numel, BLOCK_ELEMENTS):
                 stop = start + BLOCK_ELEMENTS
-                flat_out[start:stop] = evaluate(expr, {r: t[start:stop] for r, t in flat.items()})
-        return out
-    return evaluate(expr, loaded).to(dtype)
+                part = {r: t[start:stop] for r, t in flat.items()}
+                yield start, [evaluate(e, part).reshape(-1) for e in exprs]
+    else:
+        yield 0, [evaluate(e, loaded).reshape(-1) for e in exprs]
+
+
+def compute(expr: Expr, loaded: dict[Ref, torch.Tensor], shape: tuple[int, ...], dtype: torch.dtype,
+            device: torch.device) -> torch.Tensor:
+    """The output tensor in its final dtype, assembled from :func:`blocks`."""
+    numel = math.prod(shape)
+    pieces = blocks([expr], loaded, numel, device)
+    start, (first,) = next(pieces)
+    if first.numel() == numel:  # one piece: the whole tensor
+        return first.reshape(shape).to(dtype)
+    out = torch.empty(numel, dtype=dtype, device=first.device)
+    out[: first.numel()] = first
+    for start, (piece,) in pieces:
+        out[start:start + piece.numel()] = piece
+    return out.reshape(shape)
 
 
 @contextlib.contextmanager
@@ -136,7 +149,7 @@ def execute(plan: Plan, folder: Path, *, checkpoints: Sequence[Checkpoint] | Non
     total_bytes = sum(job_bytes(ckpts, needs) for _, needs in jobs)
 
     writers = {i: None for i in chosen}
-    write_q: queue.Queue = queue.Queue(maxsize=2)
+    write_q: queue.Queue = queue.Queue(maxsize=1)  # one finished tensor waits while another is written
     write_error: list[BaseException] = []
 
     def write_loop():

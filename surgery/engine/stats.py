@@ -15,14 +15,16 @@ import torch
 from ..io.checkpoint import Checkpoint
 from ..io.read import TORCH_DTYPES
 from ..ops.common import compute_dtype
-from .executor import evaluate, resolve_device
+from .executor import blocks, resolve_device
 from .plan import Expr, refs
 from .stream import stream_inputs
 
 
 def reduce_pass(ckpts: Sequence[Checkpoint], items: Sequence[tuple[str, Sequence[Expr]]],
-                fn: Callable[[str, list[torch.Tensor]], None], device="auto", precision: str = "F64") -> None:
-    """For each ``(name, exprs)``, call ``fn(name, [evaluated exprs])``, streaming each input once.
+                fn: Callable[[str, int, int, list[torch.Tensor]], None], device="auto", precision: str = "F64") -> None:
+    """For each ``(name, exprs)``, call ``fn(name, start, numel, [flat values of each expr])`` on
+    successive pieces of the tensor (cache-sized blocks where the expressions are elementwise),
+    streaming each input once.
 
     ``precision`` must be the writing pass's compute dtype, so statistics see the very values the
     output is made of."""
@@ -31,7 +33,9 @@ def reduce_pass(ckpts: Sequence[Checkpoint], items: Sequence[tuple[str, Sequence
     by_name = dict(items)
     with compute_dtype(TORCH_DTYPES[precision]), contextlib.closing(stream_inputs(ckpts, jobs, dev)) as stream:
         for name, loaded, _ in stream:
-            fn(name, [evaluate(e, loaded) for e in by_name[name]])
+            numel = next(iter(loaded.values())).numel()
+            for start, values in blocks(by_name[name], loaded, numel, dev):
+                fn(name, start, numel, values)
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
@@ -51,7 +55,7 @@ def global_topk_thresholds(ckpts: Sequence[Checkpoint], items: Sequence[tuple[st
     n_tasks = len(keep)
     high = [torch.zeros(1 << 16, dtype=torch.int64) for _ in range(n_tasks)]
 
-    def count_high(_name, values):
+    def count_high(_name, _start, _numel, values):
         for t, v in enumerate(values):
             high[t] += torch.bincount((_bits(v) >> 16).cpu(), minlength=1 << 16)
 
@@ -65,7 +69,7 @@ def global_topk_thresholds(ckpts: Sequence[Checkpoint], items: Sequence[tuple[st
         rank.append(keep[t] - (int(above[i - 1]) if i > 0 else 0))  # rank inside that bucket
     low = [torch.zeros(1 << 16, dtype=torch.int64) for _ in range(n_tasks)]
 
-    def count_low(_name, values):
+    def count_low(_name, _start, _numel, values):
         for t, v in enumerate(values):
             bits = _bits(v)
             inside = bits[(bits >> 16) == bucket[t]]
@@ -81,11 +85,35 @@ def global_topk_thresholds(ckpts: Sequence[Checkpoint], items: Sequence[tuple[st
     return thresholds
 
 
+def tensor_topk_thresholds(ckpts: Sequence[Checkpoint], items: Sequence[tuple[str, Sequence[Expr]]],
+                           density: float, device="auto") -> dict[str, list[float]]:
+    """Per tensor and per expression (task), the magnitude of the k-th largest entry of that tensor,
+    ``k = keep_count(numel, density)``: per-tensor top-k as one streamed pass, so the writing pass
+    can trim with an elementwise threshold. One float32 magnitude buffer per task is held while its
+    tensor streams through."""
+    from ..ops.ties import topk_threshold
+
+    buffers: dict[int, torch.Tensor] = {}
+    out: dict[str, list[float]] = {}
+
+    def collect(name, start, numel, values):
+        for t, v in enumerate(values):
+            if start == 0:
+                buffers[t] = torch.empty(numel, dtype=torch.float32)
+            buffers[t][start:start + v.numel()] = v.abs()
+        if start + values[0].numel() == numel:
+            out[name] = [topk_threshold(buffers[t], density) for t in range(len(values))]
+            buffers.clear()
+
+    reduce_pass(ckpts, items, collect, device)
+    return out
+
+
 def l1_norms(ckpts: Sequence[Checkpoint], items: Sequence[tuple[str, Sequence[Expr]]], device="auto") -> list[float]:
     """For each of the expressions per tensor, the L1 norm over all tensors (float64 accumulation)."""
     totals: list[float] = []
 
-    def add(_name, values):
+    def add(_name, _start, _numel, values):
         if not totals:
             totals.extend([0.0] * len(values))
         for i, v in enumerate(values):

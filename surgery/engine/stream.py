@@ -15,7 +15,7 @@ import torch
 from ..io.checkpoint import Checkpoint
 from .plan import Ref
 
-DEFAULT_READ_AHEAD_BYTES = 256 << 20
+DEFAULT_READ_AHEAD_BYTES = 128 << 20  # ample to hide read latency; more only raises peak memory
 MAX_JOBS_AHEAD = 32
 
 

@@ -12,22 +12,18 @@ def keep_count(numel: int, density: float) -> int:
     return numel if density >= 1 else max(1, int(density * numel))
 
 
-@operation("trim_topk")
-def trim_topk(tensors: list[torch.Tensor], *, density: float) -> torch.Tensor:
-    """Zero all but the largest-magnitude ``density`` fraction of this one tensor.
+def topk_threshold(magnitudes: torch.Tensor, density: float) -> float:
+    """The k-th largest of ``magnitudes`` (float32, flat; reordered in place), ``k = keep_count``.
 
-    Keeps every entry whose magnitude is at least the k-th largest (ties at the threshold are kept),
-    found with ``kthvalue`` rather than a full sort.
-    """
-    t = compute(tensors[0])
-    if density >= 1 or t.numel() == 0:
-        return t
-    if density <= 0:
-        return torch.zeros_like(t)
-    k = keep_count(t.numel(), density)
-    mag = t.abs().reshape(-1)
-    threshold = torch.kthvalue(mag, t.numel() - k + 1).values
-    return torch.where(t.abs() >= threshold, t, torch.zeros_like(t))
+    Entries at least this large are kept, ties at the threshold included, as the TIES reference code
+    does (``mask = |tau| >= kth value``). numpy's introselect partition finds it without a sort."""
+    n = magnitudes.numel()
+    if density >= 1 or n == 0:
+        return 0.0
+    k = keep_count(n, density)
+    arr = magnitudes.numpy()
+    arr.partition(n - k)
+    return float(arr[n - k])
 
 
 @operation("trim_threshold", elementwise=True)
@@ -42,18 +38,20 @@ def trim_threshold(tensors: list[torch.Tensor], *, threshold: float) -> torch.Te
 @operation("sign_consensus_mean", elementwise=True)
 def sign_consensus_mean(tensors: list[torch.Tensor], *, weights: list[float]) -> torch.Tensor:
     """Elect a sign per entry from the weighted sum (ties go to +), then average the weighted
-    entries that agree with it, dividing by the weight of the agreeing tasks (the disjoint mean)."""
-    total = None
-    for w, t in zip(weights, tensors):
-        term = compute(t) * w
-        total = term if total is None else total.add_(term)
+    entries that agree with it, dividing by the weight of the agreeing tasks (the disjoint mean).
+
+    Agreement is ``sign(term) * elected > 0``, kept as a 0/1 float mask so that the whole thing is
+    multiply-adds: no boolean tensors or ``where`` per task."""
+    terms = [compute(t) * w for w, t in zip(weights, tensors)]
+    total = terms[0].clone()
+    for term in terms[1:]:
+        total.add_(term)
     elected = torch.where(total >= 0, 1.0, -1.0).to(total.dtype)
     merged = torch.zeros_like(total)
     divisor = torch.zeros_like(total)
-    for w, t in zip(weights, tensors):
-        term = compute(t) * w
-        agree = torch.sign(term) == elected
-        merged.add_(torch.where(agree, term, 0.0))
-        divisor.add_(torch.where(agree, w, 0.0))
+    for w, term in zip(weights, terms):
+        agree = torch.sign(term).mul_(elected).clamp_(min=0)
+        merged.addcmul_(term, agree)
+        divisor.add_(agree, alpha=w)
     divisor[divisor == 0] = 1
-    return merged / divisor
+    return merged.div_(divisor)

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Sequence
 
 from ..engine.plan import Call
-from ..engine.stats import global_topk_thresholds, l1_norms
+from ..engine.stats import global_topk_thresholds, l1_norms, tensor_topk_thresholds
 from ..errors import PlanError
 from ..io.checkpoint import open_checkpoints
 from ..io.writer import DEFAULT_MAX_SHARD_SIZE
@@ -55,8 +55,9 @@ def merged_vector(method: str, tvs: list[TaskVector], weights: Sequence[float], 
             info.update(scope="global", thresholds=thresholds)
             trim = lambda _n, t, e: Call.of("trim_threshold", [e], threshold=thresholds[t])  # noqa: E731
         else:
+            per_tensor = tensor_topk_thresholds(stacked.inputs, stacked.float_items(), density, device)
             info.update(scope="tensor")
-            trim = lambda _n, _t, e: Call.of("trim_topk", [e], density=density)  # noqa: E731
+            trim = lambda n, t, e: Call.of("trim_threshold", [e], threshold=per_tensor[n][t])  # noqa: E731
     else:
         p = 1.0 - density
         info.update(p=p, seed=seed)
@@ -114,7 +115,7 @@ def merge(base, models: Sequence, output, *, method: str = "task_arithmetic", we
         info.update(lines={"alpha": alpha, "beta": beta})
         if dry_run:
             return lambdas
-    model = (merged * lam).apply_to(base_c)
+    model = (merged * lam if lam != 1.0 else merged).apply_to(base_c)
     recipe = {"operation": "merge", **info, "lambda": lam, "dtype": dtype, "base": base_c.source,
               "models": [m.source for m in model_cs]}
     return model.save(output, dtype=dtype, device=device, max_shard_size=max_shard_size, force=force,
