@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable
 
 from .engine.plan import Call, Expr, OutputTensor, Plan, Ref
 from .errors import IncompatibleInputsError, PlanError
@@ -66,10 +66,6 @@ class Lazy:
         if t is None and name in self.tied:
             t = self.tensors[self.tied[name]]
         return t
-
-    @property
-    def names(self) -> list[str]:
-        return list(self.tensors)
 
     def map_float(self, fn: Callable[[str, Expr], Expr], step: dict | None = None) -> "Lazy":
         """Replace every float tensor's expression by ``fn(name, expr)``."""
@@ -316,11 +312,6 @@ def _rows_grow(name: str, smaller: tuple[int, ...], larger: tuple[int, ...]) -> 
 
 def _where(lazy: Lazy) -> str:
     return ", ".join(c.source for c in lazy.inputs)
-
-
-def task_vectors(fts: Iterable, base) -> list[TaskVector]:
-    base_c = _checkpoint(base)
-    return [TaskVector.between(ft, base_c) for ft in fts]
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,6 @@ Every method is ``base + lambda * merged``, where ``merged`` combines the task v
 """
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Sequence
 
 from ..engine.plan import Call
