@@ -91,9 +91,9 @@ def load_model_state(folder, auto: str = "AutoModelForCausalLM", cache: bool = T
 
 
 def soup_reference(tensors: list[torch.Tensor], weights: list[float], out_dtype: torch.dtype) -> torch.Tensor:
-    """sum_i w_i x_i: each input upcast to float32 (float64 if it is float64), summed left to right,
+    """sum_i w_i x_i: each input upcast to float32 (float64 if any input is float32 or wider), summed left to right,
     cast once to the output dtype. Uniform weights mean the plain mean: the sum, divided once by n."""
-    acc_dtype = torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+    acc_dtype = torch.float64 if any(t.dtype in (torch.float32, torch.float64) for t in tensors) else torch.float32
     n = len(tensors)
     if all(w == 1.0 / n for w in weights):
         acc = tensors[0].to(acc_dtype)

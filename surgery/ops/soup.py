@@ -9,7 +9,7 @@ from .registry import operation
 
 @operation("weighted_sum", elementwise=True)
 def weighted_sum(tensors: list[torch.Tensor], *, weights: list[float]) -> torch.Tensor:
-    """sum_i weights[i] * tensors[i], accumulated in float32 (or float64), one input upcast at a time."""
+    """sum_i weights[i] * tensors[i], in the plan's compute dtype, one input upcast at a time."""
     if len(weights) != len(tensors):
         raise ValueError(f"{len(weights)} weights for {len(tensors)} tensors")
     out = compute(tensors[0]) * weights[0]
@@ -20,8 +20,9 @@ def weighted_sum(tensors: list[torch.Tensor], *, weights: list[float]) -> torch.
 
 @operation("mean", elementwise=True)
 def mean(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """The uniform soup: the sum divided once by the count, so the mean is correctly rounded in the
-    compute dtype (multiplying each input by a rounded 1/n first is not)."""
+    """The uniform soup: the sum divided once by the count (multiplying each input by a rounded 1/n
+    first is not as accurate). In float64 for float32 inputs, the mean is then correctly rounded
+    (up to the rare double rounding); the soup of identical inputs is that input."""
     out = compute(tensors[0]).clone()
     for t in tensors[1:]:
         out.add_(compute(t))

@@ -121,7 +121,7 @@ def merge(base, models: Sequence, output, *, method: str = "task_arithmetic", we
                       progress=progress, recipe=recipe, tags=("merge", method.replace("_", "-")))
 
 
-def lines(base, ft, output, *, alpha: float, beta: float, dtype: str | None = None, device: str = "auto",
+def lines(base, ft, output=None, *, alpha: float, beta: float, dtype: str | None = None, device: str = "auto",
           max_shard_size=DEFAULT_MAX_SHARD_SIZE, force: bool = False, progress=None, dry_run: bool = False):
     """Single-task LiNeS: ``base + lambda(l) * (ft - base)``. With ``dry_run``, return the lambda of
     every tensor instead of writing anything."""

@@ -13,7 +13,7 @@ def transfer(to, output, *, diff=None, source_base=None, source_ft=None, scale: 
              force: bool = False, progress=None) -> Path:
     """Apply a saved diff (``diff=``), or ``source_ft - source_base`` in one pass, to the base ``to``.
 
-    Arithmetic is in float32 and the result is cast once to the target's dtype (or ``dtype``). Rows
+    Arithmetic is in float64 and the result is cast once to the target's dtype (or ``dtype``). Rows
     the fine-tune added to its embeddings and head come over whole; the tokenizer and chat template
     come from the fine-tuned source, the rest of the config from the target.
     """
