@@ -7,9 +7,11 @@ peak memory depends on the largest tensors, not on the model or the shard size.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import math
 import queue
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
@@ -57,6 +59,11 @@ def elementwise(expr: Expr) -> bool:
         all(isinstance(a, Ref) or elementwise(a) for a in expr.args)
 
 
+def _blockable(exprs: Sequence[Expr], loaded: dict[Ref, torch.Tensor], numel: int, device: torch.device) -> bool:
+    return device.type == "cpu" and numel > BLOCK_ELEMENTS and all(elementwise(e) for e in exprs) and \
+        all(t.numel() == numel for t in loaded.values())
+
+
 def blocks(exprs: Sequence[Expr], loaded: dict[Ref, torch.Tensor], numel: int, device: torch.device
            ) -> Iterator[tuple[int, list[torch.Tensor]]]:
     """Evaluate ``exprs`` (same-sized results) as ``(start, [flat values])`` pieces, in order.
@@ -65,8 +72,7 @@ def blocks(exprs: Sequence[Expr], loaded: dict[Ref, torch.Tensor], numel: int, d
     the same order on each element (so the same bits) without whole-tensor temporaries. Otherwise
     the whole tensor comes as one piece.
     """
-    if device.type == "cpu" and numel > BLOCK_ELEMENTS and all(elementwise(e) for e in exprs) and \
-            all(t.numel() == numel for t in loaded.values()):
+    if _blockable(exprs, loaded, numel, device):
         flat = {r: t.reshape(-1) for r, t in loaded.items()}
         with single_threaded():
             for start in range(0, numel, BLOCK_ELEMENTS):
@@ -77,18 +83,41 @@ def blocks(exprs: Sequence[Expr], loaded: dict[Ref, torch.Tensor], numel: int, d
         yield 0, [evaluate(e, loaded).reshape(-1) for e in exprs]
 
 
+_COMPUTE_THREADS = max(1, torch.get_num_threads())
+_compute_pool: ThreadPoolExecutor | None = None
+
+
 def compute(expr: Expr, loaded: dict[Ref, torch.Tensor], shape: tuple[int, ...], dtype: torch.dtype,
             device: torch.device) -> torch.Tensor:
-    """The output tensor in its final dtype, assembled from :func:`blocks`."""
+    """The output tensor in its final dtype.
+
+    Elementwise expressions on CPU run block by block straight into the output buffer, the blocks
+    shared out in contiguous runs over one thread per core (each block single-threaded: the same
+    bits as one thread would give).
+    """
+    global _compute_pool
     numel = math.prod(shape)
-    pieces = blocks([expr], loaded, numel, device)
-    start, (first,) = next(pieces)
-    if first.numel() == numel:  # one piece: the whole tensor
-        return first.reshape(shape).to(dtype)
-    out = torch.empty(numel, dtype=dtype, device=first.device)
-    out[: first.numel()] = first
-    for start, (piece,) in pieces:
-        out[start:start + piece.numel()] = piece
+    if not _blockable([expr], loaded, numel, device):
+        return evaluate(expr, loaded).to(dtype)
+    out = torch.empty(numel, dtype=dtype)
+    flat = {r: t.reshape(-1) for r, t in loaded.items()}
+
+    def run(lo: int, hi: int) -> None:
+        for start in range(lo, hi, BLOCK_ELEMENTS):
+            stop = min(start + BLOCK_ELEMENTS, hi)
+            out[start:stop] = evaluate(expr, {r: t[start:stop] for r, t in flat.items()})
+
+    n_blocks = -(-numel // BLOCK_ELEMENTS)
+    workers = min(_COMPUTE_THREADS, n_blocks)
+    per = -(-n_blocks // workers) * BLOCK_ELEMENTS
+    if _compute_pool is None:
+        _compute_pool = ThreadPoolExecutor(max_workers=_COMPUTE_THREADS, thread_name_prefix="surgery-compute")
+    with single_threaded():
+        # contextvars (the compute dtype) do not cross into pool threads by themselves
+        futures = [_compute_pool.submit(contextvars.copy_context().run, run, lo, min(lo + per, numel))
+                   for lo in range(0, numel, per)]
+        for f in futures:
+            f.result()
     return out.reshape(shape)
 
 
