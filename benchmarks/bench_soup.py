@@ -678,6 +678,22 @@ def ratio(a: float, b: float | None) -> str:
     return f"{a / b:.2f}" if b else "-"
 
 
+CORRECTNESS_HEADER = ["", "| size | comparison | max ulp (bf16) | exact fraction | within 1 ulp | max abs diff | "
+                      "max err (input ulps) | worst tensor |",
+                      "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- |"]
+
+
+def baseline_lines(result: dict) -> list[str]:
+    """The startup-baseline table (import torch, import mergekit), shared by the benchmarks."""
+    base = result.get("baselines") or {}
+    if not base:
+        return []
+    lines = ["", "| startup baseline | wall s | peak RSS MB |", "| --- | ---: | ---: |"]
+    for label, r in base.items():
+        lines.append(f"| `{label}` | {r['wall_s']:.2f} | {r['peak_rss_mb']:.0f} |")
+    return lines
+
+
 def tables(result: dict) -> str:
     lines = ["| size | tool | wall s | peak RSS MB | CPU s | wall / surgery | wall / I/O floor |",
              "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
@@ -690,16 +706,10 @@ def tables(result: dict) -> str:
             spread = f" ({s['wall_min_s']:.2f}-{s['wall_max_s']:.2f})" if s["n"] > 1 else ""
             lines.append(f"| {label} | {tool} | {s['wall_s']:.2f}{spread} | {s['peak_rss_mb']:.0f} | {s['cpu_s']:.2f} | "
                          f"{ratio(s['wall_s'], ref_s)} | {ratio(s['wall_s'], ref_f)} |")
-    base = result.get("baselines") or {}
-    if base:
-        lines += ["", "| startup baseline | wall s | peak RSS MB |", "| --- | ---: | ---: |"]
-        for label, r in base.items():
-            lines.append(f"| `{label}` | {r['wall_s']:.2f} | {r['peak_rss_mb']:.0f} |")
+    lines += baseline_lines(result)
     checks = [(s, s.get("correctness")) for s in result["sizes"] if s.get("correctness")]
     if checks:
-        lines += ["", "| size | comparison | max ulp (bf16) | exact fraction | within 1 ulp | max abs diff | "
-                  "max err (input ulps) | worst tensor |",
-                  "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- |"]
+        lines += CORRECTNESS_HEADER
         for size, c in checks:
             label = f"{size['params'] / 1e6:.0f}M ({size['config']['layers']}L)"
             for key, what in (("surgery_vs_ref_f32", "surgery vs float32 reference"),
@@ -751,6 +761,34 @@ def targets(result: dict) -> dict:
     return out
 
 
+def add_shared_args(ap) -> None:
+    """Options every benchmark here takes (bench_task_vectors imports these)."""
+    ap.add_argument("--no-load-check", action="store_true", help="skip loading input and output with transformers")
+    ap.add_argument("--no-baselines", action="store_true", help="skip the import-time baselines")
+    ap.add_argument("--mergekit-arg", action="append", default=[],
+                    help="extra argument for mergekit-yaml (repeatable), e.g. --mergekit-arg=--async-write")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="set OMP_NUM_THREADS and MKL_NUM_THREADS for every timed tool (default: leave unset)")
+
+
+def add_output_args(ap, stem: str) -> None:
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--work", type=Path, default=HERE / "_work", help="work folder (default benchmarks/_work)")
+    ap.add_argument("--name", default=None, help=f"results file name (default {stem}-<scale>)")
+    ap.add_argument("--results", type=Path, default=HERE / "results", help="results folder (default benchmarks/results)")
+
+
+def finish_args(args) -> tuple[list[int], bool]:
+    """Fill defaults that depend on the scale; return the layer multipliers and whether mergekit runs."""
+    if args.repeat is None:
+        args.repeat = 3 if args.scale == "full" else 1
+    mults = [int(x) for x in args.layers.split(",") if x.strip()]
+    have_mergekit = importlib.util.find_spec("mergekit") is not None
+    if not args.skip_mergekit and not have_mergekit:
+        log("mergekit is not importable: skipping it (pip install -e '.[bench]' to include it)")
+    return mults, have_mergekit and not args.skip_mergekit
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -767,27 +805,12 @@ def main(argv=None) -> int:
     ap.add_argument("--no-check", action="store_true", help="skip the correctness checks")
     ap.add_argument("--check-every-size", action="store_true",
                     help="check correctness at every size (default: only the first, the 1x model)")
-    ap.add_argument("--no-load-check", action="store_true", help="skip loading input and output with transformers")
-    ap.add_argument("--no-baselines", action="store_true", help="skip the import-time baselines")
-    ap.add_argument("--mergekit-arg", action="append", default=[],
-                    help="extra argument for mergekit-yaml (repeatable), e.g. --mergekit-arg=--async-write")
-    ap.add_argument("--threads", type=int, default=None,
-                    help="set OMP_NUM_THREADS and MKL_NUM_THREADS for every timed tool (default: leave unset)")
+    add_shared_args(ap)
     ap.add_argument("--surgery-omp1", action="store_true",
                     help="also time surgery with OMP_NUM_THREADS=1 (row surgery-omp1), to see what OpenMP threads cost it")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--work", type=Path, default=HERE / "_work", help="work folder (default benchmarks/_work)")
-    ap.add_argument("--name", default=None, help="results file name (default soup-<scale>)")
-    ap.add_argument("--results", type=Path, default=HERE / "results", help="results folder (default benchmarks/results)")
+    add_output_args(ap, "soup")
     args = ap.parse_args(argv)
-    if args.repeat is None:
-        args.repeat = 3 if args.scale == "full" else 1
-    mults = [int(x) for x in args.layers.split(",") if x.strip()]
-
-    have_mergekit = importlib.util.find_spec("mergekit") is not None
-    if not args.skip_mergekit and not have_mergekit:
-        log("mergekit is not importable: skipping it (pip install -e '.[bench]' to include it)")
-    with_mergekit = have_mergekit and not args.skip_mergekit
+    mults, with_mergekit = finish_args(args)
     tools = ["io-floor", "io-floor-nofsync", "surgery"] + (["surgery-omp1"] if args.surgery_omp1 else []) + \
         (["mergekit"] if with_mergekit else [])
     if importlib.util.find_spec("psutil") is None:

