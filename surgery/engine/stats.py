@@ -13,9 +13,8 @@ from typing import Callable, Sequence
 import torch
 
 from ..io.checkpoint import Checkpoint
-from ..io.read import TORCH_DTYPES
 from ..ops.common import compute_dtype
-from .executor import blocks, resolve_device
+from .torch_compute import blocks, reader, resolve_device
 from .plan import Expr, refs
 from .stream import stream_inputs
 
@@ -31,7 +30,7 @@ def reduce_pass(ckpts: Sequence[Checkpoint], items: Sequence[tuple[str, Sequence
     dev = resolve_device(device)
     jobs = [(name, list(dict.fromkeys(r for e in exprs for r in refs(e)))) for name, exprs in items]
     by_name = dict(items)
-    with compute_dtype(TORCH_DTYPES[precision]), contextlib.closing(stream_inputs(ckpts, jobs, dev)) as stream:
+    with compute_dtype(precision), contextlib.closing(stream_inputs(ckpts, jobs, reader(dev))) as stream:
         for name, loaded, _ in stream:
             numel = next(iter(loaded.values())).numel()
             for start, values in blocks(by_name[name], loaded, numel, dev):

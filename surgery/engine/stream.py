@@ -5,12 +5,9 @@ methods need), so all of them overlap I/O with compute under the same memory bou
 """
 from __future__ import annotations
 
-import hashlib
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from typing import Hashable, Iterator, Sequence
-
-import torch
+from typing import Callable, Hashable, Iterator, Sequence
 
 from ..io.checkpoint import Checkpoint
 from .plan import Ref
@@ -23,10 +20,14 @@ def job_bytes(ckpts: Sequence[Checkpoint], needs: Sequence[Ref]) -> int:
     return sum(ckpts[r.input].resolve(r.name).nbytes for r in needs)
 
 
-def stream_inputs(ckpts: Sequence[Checkpoint], jobs: Sequence[tuple[Hashable, Sequence[Ref]]], device: torch.device,
+# read(checkpoint, name, want_digest) -> (array, sha256 hex of its bytes if wanted): torch or numpy
+Reader = Callable[[Checkpoint, str, bool], tuple[object, str | None]]
+
+
+def stream_inputs(ckpts: Sequence[Checkpoint], jobs: Sequence[tuple[Hashable, Sequence[Ref]]], read: Reader,
                   read_ahead_bytes: int = DEFAULT_READ_AHEAD_BYTES, io_threads: int = 2,
                   digests: dict | None = None, hash_inputs: Sequence[int] = ()
-                  ) -> Iterator[tuple[Hashable, dict[Ref, torch.Tensor], int]]:
+                  ) -> Iterator[tuple[Hashable, dict[Ref, object], int]]:
     """Yield ``(key, {ref: tensor}, bytes_read)`` per job, in order.
 
     Reads for later jobs run on ``io_threads`` threads while the consumer works, as long as the
@@ -37,16 +38,12 @@ def stream_inputs(ckpts: Sequence[Checkpoint], jobs: Sequence[tuple[Hashable, Se
     """
     hashed = set(hash_inputs)
 
-    def load(needs: Sequence[Ref]) -> dict[Ref, torch.Tensor]:
+    def load(needs: Sequence[Ref]) -> dict:
         out = {}
         for r in needs:
-            if r.input in hashed:
-                t = ckpts[r.input].read(r.name, "cpu")
-                stored = ckpts[r.input].resolve(r.name).name
-                digests[(r.input, stored)] = hashlib.sha256(t.reshape(-1).view(torch.uint8).numpy()).hexdigest()
-                out[r] = t.to(device)
-            else:
-                out[r] = ckpts[r.input].read(r.name, device)
+            out[r], digest = read(ckpts[r.input], r.name, r.input in hashed)
+            if digest is not None:
+                digests[(r.input, ckpts[r.input].resolve(r.name).name)] = digest
         return out
 
     cost = [job_bytes(ckpts, needs) for _, needs in jobs]

@@ -1,17 +1,12 @@
-"""Tensor-at-a-time reads: ``pread`` into a fresh buffer, so nothing keeps a shard mapped.
-
-A memory map would keep every page of a shard resident for as long as any tensor from it lives
-(safetensors#443); a positioned read costs one copy into a buffer the caller owns, and that buffer
-is freed when the tensor is dropped.
-"""
+"""Tensor-at-a-time reads as torch tensors: ``pread`` into a fresh (pinned, for CUDA) buffer."""
 from __future__ import annotations
 
-import os
 import threading
 
 import torch
 
 from ..errors import CheckpointError
+from .pread import pread_into
 from .safetensors_header import TensorInfo
 
 TORCH_DTYPES = {
@@ -21,7 +16,6 @@ TORCH_DTYPES = {
     "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
 }
 SAFETENSORS_DTYPES = {v: k for k, v in TORCH_DTYPES.items()}
-_CHUNK = 64 << 20  # bound a single syscall; Linux caps one read near 2 GiB anyway
 
 
 def read_tensor(info: TensorInfo, device: str | torch.device = "cpu") -> torch.Tensor:
@@ -29,20 +23,8 @@ def read_tensor(info: TensorInfo, device: str | torch.device = "cpu") -> torch.T
         return _read_pickled(info).to(device)
     pin = torch.device(device).type == "cuda"
     buf = torch.empty(info.nbytes, dtype=torch.uint8, pin_memory=pin)
-    view = memoryview(buf.numpy()) if info.nbytes else memoryview(b"")
-    fd = os.open(info.file, os.O_RDONLY)
-    try:
-        done = 0
-        while done < info.nbytes:
-            n = os.preadv(fd, [view[done:done + _CHUNK]], info.begin + done)
-            if n == 0:
-                raise CheckpointError(f"truncated: file ended after {done} of {info.nbytes} bytes",
-                                      file=info.file, tensor=info.name)
-            done += n
-    except OSError as e:
-        raise CheckpointError(f"read failed: {e.strerror or e}", file=info.file, tensor=info.name) from e
-    finally:
-        os.close(fd)
+    if info.nbytes:
+        pread_into(info, memoryview(buf.numpy()))
     tensor = buf.view(TORCH_DTYPES[info.dtype]).reshape(info.shape)
     if pin:
         return tensor.to(device, non_blocking=True)

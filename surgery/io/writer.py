@@ -12,6 +12,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from ..errors import PlanError
 from .safetensors_header import DTYPE_SIZES
 
@@ -103,17 +105,25 @@ class ShardWriter:
         self._file.write(shard.header_bytes())
 
     def write(self, name: str, tensor) -> None:
-        from .read import SAFETENSORS_DTYPES
-
+        """Append ``tensor``: a torch tensor, or a flat numpy array in the spec's storage dtype
+        (bf16 as uint16 bits), as the torch-free path produces."""
         spec = self.shard.tensors[self._next]
         if name != spec.name:
             raise PlanError(f"writer expected tensor {spec.name!r} next in {self.shard.filename}, got {name!r}")
-        dtype = SAFETENSORS_DTYPES.get(tensor.dtype)
-        if dtype != spec.dtype or tuple(tensor.shape) != spec.shape:
-            raise PlanError(f"tensor {name!r} computed as {dtype}{list(tensor.shape)}, planned as "
-                            f"{spec.dtype}{list(spec.shape)}")
+        if isinstance(tensor, np.ndarray):
+            data = np.ascontiguousarray(tensor).reshape(-1).view(np.uint8)
+            if data.nbytes != spec.nbytes or tensor.size != math.prod(spec.shape):
+                raise PlanError(f"tensor {name!r} computed as {tensor.size} {tensor.dtype} values, planned as "
+                                f"{spec.dtype}{list(spec.shape)}")
+        else:
+            from .read import SAFETENSORS_DTYPES
+
+            dtype = SAFETENSORS_DTYPES.get(tensor.dtype)
+            if dtype != spec.dtype or tuple(tensor.shape) != spec.shape:
+                raise PlanError(f"tensor {name!r} computed as {dtype}{list(tensor.shape)}, planned as "
+                                f"{spec.dtype}{list(spec.shape)}")
+            data = tensor.detach().contiguous().cpu().reshape(-1).view(torch_uint8()).numpy() if spec.nbytes else None
         if spec.nbytes:
-            data = tensor.detach().contiguous().cpu().reshape(-1).view(torch_uint8()).numpy()
             self._file.write(memoryview(data))
         self._next += 1
         if self._next == len(self.shard.tensors):

@@ -1,12 +1,10 @@
 """Operations that move tensors without arithmetic."""
 from __future__ import annotations
 
-import torch
-
 from .registry import operation
 
 
-@operation("copy")
-def copy(tensors: list[torch.Tensor]) -> torch.Tensor:
+@operation("copy", numpy=True)
+def copy(tensors: list):
     """The first input unchanged: integer and bool buffers, and tensors an operation leaves alone."""
     return tensors[0]

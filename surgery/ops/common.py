@@ -1,27 +1,66 @@
-"""Helpers shared by operations: the compute precision every float operation works in."""
+"""Helpers shared by operations: the compute precision, and arithmetic that works on either array type.
+
+Elementwise operations written with operators and these helpers run on torch tensors (any device)
+and on numpy arrays (the torch-free CPU path) alike, with the same IEEE results.
+"""
 from __future__ import annotations
 
 import contextlib
 import contextvars
+import importlib
 from typing import Iterator
 
-import torch
+import numpy as np
 
-# Set per plan by the executor: soups accumulate in float32 (their reference is a float32 mean);
-# task-vector arithmetic runs in float64, where ``target + s * (ft - base)`` suffers no cancellation
-# and the result is rounded once, to the output dtype.
-_COMPUTE_DTYPE: contextvars.ContextVar[torch.dtype] = contextvars.ContextVar("surgery_compute_dtype",
-                                                                             default=torch.float32)
+# Set per plan by the executor, as a safetensors dtype code: soups accumulate in float32 (their
+# reference is a float32 mean); task-vector arithmetic runs in float64, where
+# ``target + s * (ft - base)`` suffers no cancellation and the result is rounded once, to the output dtype.
+_COMPUTE_DTYPE: contextvars.ContextVar[str] = contextvars.ContextVar("surgery_compute_dtype", default="F32")
+_NUMPY_FLOATS = {"F32": np.float32, "F64": np.float64}
 
 
-def compute(t: torch.Tensor) -> torch.Tensor:
-    """The tensor in the compute dtype (the plan's, or wider if the input already is)."""
-    return t.to(torch.promote_types(t.dtype, _COMPUTE_DTYPE.get()))
+class _LazyModule:
+    """A module imported on first attribute access: plans are built, and numpy-only runs executed,
+    without paying torch's import time."""
+
+    def __init__(self, name: str):
+        self._name = name
+
+    def __getattr__(self, attr):
+        return getattr(importlib.import_module(self._name), attr)
+
+
+torch = _LazyModule("torch")
+
+
+def _target(t):
+    if isinstance(t, np.ndarray):
+        return np.promote_types(t.dtype, _NUMPY_FLOATS[_COMPUTE_DTYPE.get()])
+    from ..io.read import TORCH_DTYPES
+
+    return torch.promote_types(t.dtype, TORCH_DTYPES[_COMPUTE_DTYPE.get()])
+
+
+def compute(t):
+    """The tensor in the compute dtype (the plan's, or wider if the input already is); may be ``t``."""
+    return t.astype(_target(t), copy=False) if isinstance(t, np.ndarray) else t.to(_target(t))
+
+
+def fresh(t):
+    """A new tensor in the compute dtype, safe to update in place (inputs may be shared)."""
+    return t.astype(_target(t), copy=True) if isinstance(t, np.ndarray) else t.to(_target(t), copy=True)
+
+
+def current_compute_dtype() -> str:
+    return _COMPUTE_DTYPE.get()
 
 
 @contextlib.contextmanager
-def compute_dtype(dtype: torch.dtype) -> Iterator[None]:
-    token = _COMPUTE_DTYPE.set(dtype)
+def compute_dtype(code: str) -> Iterator[None]:
+    """Run operations in ``code`` ("F32" or "F64") precision."""
+    if code not in _NUMPY_FLOATS:
+        raise ValueError(f"compute dtype must be F32 or F64, not {code!r}")
+    token = _COMPUTE_DTYPE.set(code)
     try:
         yield
     finally:

@@ -3,9 +3,7 @@ from __future__ import annotations
 
 import hashlib
 
-import torch
-
-from .common import compute
+from .common import compute, torch
 from .registry import operation
 
 

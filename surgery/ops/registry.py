@@ -21,6 +21,7 @@ class Operation:
     required: tuple[str, ...]
     doc: str
     elementwise: bool  # output element i depends only on input elements i: safe to run block by block
+    numpy: bool  # written with operators and ops.common helpers only: runs on numpy arrays as well
 
     def check(self, params: dict) -> None:
         unknown = set(params) - set(self.params)
@@ -33,12 +34,13 @@ class Operation:
 OPERATIONS: dict[str, Operation] = {}
 
 
-def operation(name: str, *, elementwise: bool = False):
+def operation(name: str, *, elementwise: bool = False, numpy: bool = False):
     """Register ``fn`` under ``name``. Its first positional argument is the list of input tensors.
 
     ``elementwise`` operations take and return same-shaped tensors and may be given any matching
     slices of them; the executor then runs them cache block by cache block, which on CPU is about
-    twice as fast as whole-tensor temporaries and gives the same bits.
+    twice as fast as whole-tensor temporaries and gives the same bits. ``numpy`` operations use
+    nothing torch-specific, so plans made only of them run on the torch-free CPU path.
     """
 
     def register(fn: Callable) -> Callable:
@@ -48,7 +50,7 @@ def operation(name: str, *, elementwise: bool = False):
         kw = [p for p in sig.parameters.values() if p.kind is inspect.Parameter.KEYWORD_ONLY]
         OPERATIONS[name] = Operation(name, fn, tuple(p.name for p in kw),
                                      tuple(p.name for p in kw if p.default is inspect.Parameter.empty),
-                                     inspect.getdoc(fn) or "", elementwise)
+                                     inspect.getdoc(fn) or "", elementwise, numpy)
         return fn
 
     return register

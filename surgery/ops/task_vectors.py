@@ -1,28 +1,26 @@
 """Task-vector algebra: differences, sums, scaling, and zero-padding rows for vocabulary changes."""
 from __future__ import annotations
 
-import torch
-
-from .common import compute
+from .common import compute, fresh, torch
 from .registry import operation
 
 
-@operation("sub", elementwise=True)
+@operation("sub", elementwise=True, numpy=True)
 def sub(tensors: list[torch.Tensor]) -> torch.Tensor:
     """tensors[0] - tensors[1]: a task vector, fine-tuned minus base."""
     return compute(tensors[0]) - compute(tensors[1])
 
 
-@operation("add", elementwise=True)
+@operation("add", elementwise=True, numpy=True)
 def add(tensors: list[torch.Tensor]) -> torch.Tensor:
     """The sum of all inputs, left to right."""
-    out = compute(tensors[0]).clone()
+    out = fresh(tensors[0])
     for t in tensors[1:]:
-        out.add_(compute(t))
+        out += compute(t)
     return out
 
 
-@operation("scale", elementwise=True)
+@operation("scale", elementwise=True, numpy=True)
 def scale(tensors: list[torch.Tensor], *, factor: float) -> torch.Tensor:
     """factor * tensors[0]."""
     return compute(tensors[0]) * factor

@@ -1,9 +1,7 @@
 """TIES merging (Yadav et al., 2023): trim each task vector, elect a sign, take the disjoint mean."""
 from __future__ import annotations
 
-import torch
-
-from .common import compute
+from .common import compute, torch
 from .registry import operation
 
 

@@ -84,7 +84,7 @@ def inspect(inputs, *, distances: bool = True, device: str = "cpu", allow_pickle
 def _relative_l2(ckpts: list[Checkpoint], names: list[str], device: str, progress) -> dict[str, list[float]]:
     import torch
 
-    from ..engine.executor import resolve_device
+    from ..engine.torch_compute import resolve_device
 
     dev = resolve_device(device)
     out = {}

@@ -15,7 +15,6 @@ from __future__ import annotations
 from typing import Sequence
 
 from ..engine.plan import Call
-from ..engine.stats import global_topk_thresholds, l1_norms, tensor_topk_thresholds
 from ..errors import PlanError
 from ..io.checkpoint import open_checkpoints
 from ..io.writer import DEFAULT_MAX_SHARD_SIZE
@@ -50,10 +49,14 @@ def merged_vector(method: str, tvs: list[TaskVector], weights: Sequence[float], 
         if scope == "global":
             items = [(n, es) for n, es in stacked.float_items()]
             total = sum(stacked.numel(n) for n, _ in items)
+            from ..engine.stats import global_topk_thresholds  # torch: only TIES needs it
+
             thresholds = global_topk_thresholds(stacked.inputs, items, [keep_count(total, density)] * len(tvs), device)
             info.update(scope="global", thresholds=thresholds)
             trim = lambda _n, t, e: Call.of("trim_threshold", [e], threshold=thresholds[t])  # noqa: E731
         else:
+            from ..engine.stats import tensor_topk_thresholds
+
             per_tensor = tensor_topk_thresholds(stacked.inputs, stacked.float_items(), density, device)
             info.update(scope="tensor")
             trim = lambda n, t, e: Call.of("trim_threshold", [e], threshold=per_tensor[n][t])  # noqa: E731
@@ -83,6 +86,8 @@ def lines_alpha(tvs: list[TaskVector], merged: TaskVector, device: str = "auto")
     """The paper's multi-task alpha: (||sum_t tau_t||_1 / ||tau_merged||_1) / T, in one streamed pass."""
     summed = sum(tvs[1:], tvs[0])
     pair = stack([summed, merged])
+    from ..engine.stats import l1_norms  # statistics passes run on torch
+
     sum_l1, merged_l1 = l1_norms(pair.inputs, list(pair.float_items()), device)
     if merged_l1 == 0:
         raise PlanError("the merged task vector is zero; LiNeS alpha is undefined")

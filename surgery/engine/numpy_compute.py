@@ -1,0 +1,134 @@
+"""The torch-free CPU path of the executor, for plans made only of numpy-capable operations.
+
+Soups, task arithmetic and transfers are a few multiply-adds per element: on a CPU their cost is
+moving bytes, and importing torch alone (2-3 s) can take longer than the arithmetic on a 300M model.
+This path reads into numpy buffers, widens bf16 by bit shifting, evaluates the same registered
+operations block by block over one thread per core (numpy releases the GIL in its loops) and rounds
+to the output dtype exactly as torch does: float64 goes to float32 first (torch converts double
+through float), bf16 rounds to nearest even, a NaN becomes the canonical quiet NaN 0x7FC0.
+"""
+from __future__ import annotations
+
+import contextvars
+import hashlib
+import math
+import os
+from concurrent.futures import ThreadPoolExecutor
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from ..io.checkpoint import Checkpoint
+from ..io.pread import read_bytes
+from .evaluate import elementwise, evaluate, numpy_capable
+from .plan import OutputTensor, Ref, refs
+
+BLOCK_ELEMENTS = 1 << 16  # 256 KB of float32: a block's temporaries stay in L2 cache
+FLOAT_CODES = ("F64", "F32", "F16", "BF16")
+STORAGE = {  # how each safetensors dtype is held in numpy; bf16 as its raw 16 bits
+    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": np.uint16,
+    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8,
+    "U64": np.uint64, "U32": np.uint32, "U16": np.uint16, "U8": np.uint8, "BOOL": np.bool_,
+}
+_BF16_NAN = np.uint16(0x7FC0)
+
+
+def usable(outputs: Sequence[OutputTensor], ckpts: Sequence[Checkpoint]) -> bool:
+    """Whether every output tensor can be computed here with the same bits as on the torch path."""
+    for out in outputs:
+        expr = out.expr
+        if not numpy_capable(expr) or out.spec.dtype not in STORAGE:
+            return False
+        leaves = [ckpts[r.input].resolve(r.name) for r in refs(expr)]
+        if any(info.begin < 0 or info.dtype not in STORAGE for info in leaves):
+            return False  # pickled inputs are read through torch
+        if isinstance(expr, Ref) or (expr.op == "copy" and isinstance(expr.args[0], Ref)):
+            same = leaves[0].dtype == out.spec.dtype
+            if not same and not (leaves[0].dtype in FLOAT_CODES and out.spec.dtype in FLOAT_CODES):
+                return False
+            continue
+        numel = math.prod(out.spec.shape)
+        # arithmetic only on floats (integer promotion rules differ between numpy and torch), and
+        # only elementwise, same-sized inputs (no broadcasting)
+        if out.spec.dtype not in FLOAT_CODES or not elementwise(expr) or \
+                any(info.dtype not in FLOAT_CODES or math.prod(info.shape) != numel for info in leaves):
+            return False
+    return True
+
+
+def read(ckpt: Checkpoint, name: str, want_digest: bool):
+    """``(flat array in its storage dtype, sha256 hex of its bytes or None)``."""
+    info = ckpt.resolve(name)
+    raw = read_bytes(info)
+    digest = hashlib.sha256(raw).hexdigest() if want_digest else None
+    return raw.view(STORAGE[info.dtype]), digest
+
+
+def widen(raw: np.ndarray, code: str) -> np.ndarray:
+    """A leaf as a numpy float array the operations can take: bf16 bits shifted into float32 (exact)."""
+    if code == "BF16":
+        return np.left_shift(raw, 16, dtype=np.uint32).view(np.float32)
+    return raw
+
+
+def store(value: np.ndarray, code: str, out: np.ndarray) -> None:
+    """Round ``value`` into ``out`` (the output's storage dtype), as torch's ``.to`` would."""
+    if code in ("F16", "BF16") and value.dtype != np.float32:
+        value = value.astype(np.float32)  # through float first, as torch converts double and half
+    if code != "BF16":
+        np.copyto(out, value, casting="unsafe")
+        return
+    bits = value.view(np.uint32)
+    rounded = np.right_shift(bits, 16)
+    rounded &= 1
+    rounded += 0x7FFF
+    rounded += bits  # round to nearest, ties to even; overflow to inf is right, NaNs are fixed below
+    rounded >>= 16
+    np.copyto(out, rounded, casting="unsafe")
+    nan = np.isnan(value)
+    if nan.any():
+        out[nan] = _BF16_NAN
+
+
+_THREADS = max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
+_pool: ThreadPoolExecutor | None = None
+
+
+def compute(expr, loaded: Mapping[Ref, np.ndarray], codes: Mapping[Ref, str], shape: tuple[int, ...],
+            dtype_code: str) -> np.ndarray:
+    """The output tensor, flat, in its storage dtype."""
+    global _pool
+    numel = math.prod(shape)
+    out = np.empty(numel, dtype=STORAGE[dtype_code])
+    if not elementwise(expr):  # a bare reference or a copy (``usable`` allows nothing else)
+        src = refs(expr)[0]
+        if codes[src] == dtype_code:
+            return loaded[src]  # the bytes as read, in a buffer of our own
+        with np.errstate(all="ignore"):
+            store(widen(loaded[src], codes[src]), dtype_code, out)
+        return out
+
+    def run(lo: int, hi: int) -> None:
+        with np.errstate(all="ignore"):  # inf and NaN propagate silently, as in torch
+            _run_blocks(lo, hi)
+
+    def _run_blocks(lo: int, hi: int) -> None:
+        for start in range(lo, hi, BLOCK_ELEMENTS):
+            stop = min(start + BLOCK_ELEMENTS, hi)
+            value = evaluate(expr, {r: widen(a[start:stop], codes[r]) for r, a in loaded.items()})
+            store(value, dtype_code, out[start:stop])
+
+    n_blocks = -(-numel // BLOCK_ELEMENTS)
+    workers = min(_THREADS, n_blocks)
+    if workers <= 1:
+        run(0, numel)
+        return out
+    per = -(-n_blocks // workers) * BLOCK_ELEMENTS
+    if _pool is None:
+        _pool = ThreadPoolExecutor(max_workers=_THREADS, thread_name_prefix="surgery-compute")
+    # contextvars (the compute dtype) do not cross into pool threads by themselves
+    futures = [_pool.submit(contextvars.copy_context().run, run, lo, min(lo + per, numel))
+               for lo in range(0, numel, per)]
+    for f in futures:
+        f.result()
+    return out

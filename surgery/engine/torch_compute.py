@@ -1,0 +1,112 @@
+"""The torch path of the executor: any operation, on CPU or CUDA.
+
+On CPU, elementwise expressions run in cache-sized blocks straight into the output buffer, the
+blocks shared out over one thread per core, each block single-threaded: the same bits as one thread
+would give, without whole-tensor temporaries.
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import hashlib
+import math
+from concurrent.futures import ThreadPoolExecutor
+from typing import Iterator, Sequence
+
+import torch
+
+from ..errors import SurgeryError
+from ..io.checkpoint import Checkpoint
+from ..io.read import TORCH_DTYPES
+from .evaluate import elementwise, evaluate
+from .plan import Expr, Ref
+
+BLOCK_ELEMENTS = 1 << 16  # 256 KB of float32: a block's temporaries stay in L2 cache
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise SurgeryError(f"device {device} requested but CUDA is not available; use --device cpu or auto")
+    return dev
+
+
+def reader(device: torch.device):
+    """``read(checkpoint, name, want_digest) -> (tensor on device, sha256 hex of its bytes or None)``."""
+
+    def read(ckpt: Checkpoint, name: str, want_digest: bool):
+        if not want_digest:
+            return ckpt.read(name, device), None
+        t = ckpt.read(name, "cpu")
+        digest = hashlib.sha256(t.reshape(-1).view(torch.uint8).numpy()).hexdigest()
+        return t.to(device), digest
+
+    return read
+
+
+def _blockable(exprs: Sequence[Expr], loaded: dict[Ref, torch.Tensor], numel: int, device: torch.device) -> bool:
+    return device.type == "cpu" and numel > BLOCK_ELEMENTS and all(elementwise(e) for e in exprs) and \
+        all(t.numel() == numel for t in loaded.values())
+
+
+def blocks(exprs: Sequence[Expr], loaded: dict[Ref, torch.Tensor], numel: int, device: torch.device
+           ) -> Iterator[tuple[int, list[torch.Tensor]]]:
+    """Evaluate ``exprs`` (same-sized results) as ``(start, [flat values])`` pieces, in order:
+    cache-sized blocks on one thread where that is possible, else the whole tensor as one piece."""
+    if _blockable(exprs, loaded, numel, device):
+        flat = {r: t.reshape(-1) for r, t in loaded.items()}
+        with single_threaded():
+            for start in range(0, numel, BLOCK_ELEMENTS):
+                stop = start + BLOCK_ELEMENTS
+                part = {r: t[start:stop] for r, t in flat.items()}
+                yield start, [evaluate(e, part).reshape(-1) for e in exprs]
+    else:
+        yield 0, [evaluate(e, loaded).reshape(-1) for e in exprs]
+
+
+_COMPUTE_THREADS = max(1, torch.get_num_threads())
+_compute_pool: ThreadPoolExecutor | None = None
+
+
+def compute(expr: Expr, loaded: dict[Ref, torch.Tensor], shape: tuple[int, ...], dtype_code: str,
+            device: torch.device) -> torch.Tensor:
+    """The output tensor in its final dtype (on the device; the writer moves it to the host)."""
+    global _compute_pool
+    dtype = TORCH_DTYPES[dtype_code]
+    numel = math.prod(shape)
+    if not _blockable([expr], loaded, numel, device):
+        return evaluate(expr, loaded).to(dtype).reshape(shape)
+    out = torch.empty(numel, dtype=dtype)
+    flat = {r: t.reshape(-1) for r, t in loaded.items()}
+
+    def run(lo: int, hi: int) -> None:
+        for start in range(lo, hi, BLOCK_ELEMENTS):
+            stop = min(start + BLOCK_ELEMENTS, hi)
+            out[start:stop] = evaluate(expr, {r: t[start:stop] for r, t in flat.items()})
+
+    n_blocks = -(-numel // BLOCK_ELEMENTS)
+    workers = min(_COMPUTE_THREADS, n_blocks)
+    per = -(-n_blocks // workers) * BLOCK_ELEMENTS
+    if _compute_pool is None:
+        _compute_pool = ThreadPoolExecutor(max_workers=_COMPUTE_THREADS, thread_name_prefix="surgery-compute")
+    with single_threaded():
+        # contextvars (the compute dtype) do not cross into pool threads by themselves
+        futures = [_compute_pool.submit(contextvars.copy_context().run, run, lo, min(lo + per, numel))
+                   for lo in range(0, numel, per)]
+        for f in futures:
+            f.result()
+    return out.reshape(shape)
+
+
+@contextlib.contextmanager
+def single_threaded():
+    """One intra-op thread for block-sized operations: splitting a 256 KB operation across OpenMP
+    threads costs more than it saves, and spinning workers starve the read and write threads."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)

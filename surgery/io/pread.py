@@ -1,0 +1,43 @@
+"""Positioned reads of one tensor's bytes into a buffer the caller owns (no torch needed).
+
+A memory map would keep every page of a shard resident for as long as any tensor from it lives
+(safetensors#443); a positioned read costs one copy into the caller's buffer, which is freed when
+the caller drops it.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from ..errors import CheckpointError
+from .safetensors_header import TensorInfo
+
+_CHUNK = 64 << 20  # bound a single syscall; Linux caps one read near 2 GiB anyway
+
+
+def pread_into(info: TensorInfo, view: memoryview) -> None:
+    """Fill ``view`` (``info.nbytes`` long) with the tensor's bytes."""
+    fd = os.open(info.file, os.O_RDONLY)
+    try:
+        done = 0
+        while done < info.nbytes:
+            n = os.preadv(fd, [view[done:done + _CHUNK]], info.begin + done)
+            if n == 0:
+                raise CheckpointError(f"truncated: file ended after {done} of {info.nbytes} bytes",
+                                      file=info.file, tensor=info.name)
+            done += n
+    except OSError as e:
+        raise CheckpointError(f"read failed: {e.strerror or e}", file=info.file, tensor=info.name) from e
+    finally:
+        os.close(fd)
+
+
+def read_bytes(info: TensorInfo) -> np.ndarray:
+    """The tensor's bytes as a flat uint8 array."""
+    if info.begin < 0:
+        raise CheckpointError("pickled tensors are read through torch", file=info.file, tensor=info.name)
+    buf = np.empty(info.nbytes, dtype=np.uint8)
+    if info.nbytes:
+        pread_into(info, memoryview(buf))
+    return buf
