@@ -24,6 +24,8 @@ from ..io.checkpoint import Checkpoint, open_checkpoint
 from ..io.writer import Shard, ShardWriter
 from ..ops.common import compute_dtype
 from . import numpy_compute
+from ..io.mapped import MappedFiles
+from .buffers import BufferPool
 from .plan import Plan, refs
 from .stream import DEFAULT_READ_AHEAD_BYTES, job_bytes, stream_inputs
 
@@ -65,31 +67,43 @@ def choose_backend(plan: Plan, ckpts: Sequence[Checkpoint], device) -> str:
     return "numpy" if numpy_compute.usable(plan.tensors, ckpts) else "torch"
 
 
-def return_freed_memory_to_the_os() -> None:
-    """Make glibc hand large freed buffers back to the OS instead of keeping them in the heap.
+def tune_malloc() -> None:
+    """Make glibc return tensor-sized buffers to the OS, and keep block-sized ones.
 
     glibc raises its mmap threshold to the size of the largest buffer freed so far (up to 32 MB),
-    after which freed tensors stay in the heap and resident memory creeps up over a run. A fixed
-    1 MB threshold keeps block temporaries in the heap (reused) and every tensor buffer mmapped, so
-    peak memory stays flat whatever the model size.
+    after which freed tensors stay in the heap and resident memory creeps up over a run: a fixed
+    1 MB threshold keeps every tensor buffer mmapped, so peak memory stays flat whatever the model
+    size. Fixing it also freezes the trim threshold at 128 KB, and then every freed 256 KB block
+    temporary shrinks the heap and the next one faults its pages back in (hundreds of thousands of
+    page faults on a 300M soup): a 64 MB trim threshold and top pad keep those pages.
     """
     try:
         import ctypes
 
         libc = ctypes.CDLL("libc.so.6")
         libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+        libc.mallopt(-1, 64 << 20)  # M_TRIM_THRESHOLD
+        libc.mallopt(-2, 64 << 20)  # M_TOP_PAD
     except (OSError, AttributeError):  # not glibc: nothing to tune
         pass
 
 
-def _path(plan: Plan, ckpts: Sequence[Checkpoint], device):
-    """``(read, compute)`` for the chosen backend: ``compute(output tensor, loaded) -> host array``."""
+def _path(plan: Plan, ckpts: Sequence[Checkpoint], device, read_ahead_bytes: int):
+    """``(read, compute, written)`` for the chosen backend: ``compute(output tensor, loaded) -> host
+    array`` may recycle the inputs it was given; ``written(array)`` recycles an output once on disk."""
     if choose_backend(plan, ckpts, device) == "numpy":
-        def compute_numpy(out, loaded):
-            codes = {r: ckpts[r.input].resolve(r.name).dtype for r in loaded}
-            return numpy_compute.compute(out.expr, loaded, codes, out.spec.shape, out.spec.dtype)
+        pool = BufferPool(limit=read_ahead_bytes)  # output buffers, recycled once written
+        files = MappedFiles()
 
-        return numpy_compute.read, compute_numpy
+        def compute_numpy(out, loaded):
+            infos = {r: ckpts[r.input].resolve(r.name) for r in loaded}
+            result = numpy_compute.compute(out.expr, loaded, {r: i.dtype for r, i in infos.items()},
+                                           out.spec.shape, out.spec.dtype, pool)
+            for info in infos.values():
+                files.release(info)
+            return result
+
+        return numpy_compute.reader(files), compute_numpy, pool.give
     from . import torch_compute
 
     dev = torch_compute.resolve_device(device)
@@ -97,7 +111,7 @@ def _path(plan: Plan, ckpts: Sequence[Checkpoint], device):
     def compute_torch(out, loaded):
         return torch_compute.compute(out.expr, loaded, out.spec.shape, out.spec.dtype, dev).cpu()
 
-    return torch_compute.reader(dev), compute_torch
+    return torch_compute.reader(dev), compute_torch, lambda _tensor: None
 
 
 def execute(plan: Plan, folder: Path, *, checkpoints: Sequence[Checkpoint] | None = None,
@@ -110,8 +124,8 @@ def execute(plan: Plan, folder: Path, *, checkpoints: Sequence[Checkpoint] | Non
     """
     ckpts = list(checkpoints) if checkpoints is not None else \
         [open_checkpoint(p, allow_pickle=plan.allow_pickle) for p in plan.inputs]
-    read, compute = _path(plan, ckpts, device)
-    return_freed_memory_to_the_os()
+    read, compute, written = _path(plan, ckpts, device, read_ahead_bytes)
+    tune_malloc()
     shards = plan.shards()
     chosen = range(len(shards)) if shard_indices is None else shard_indices
     outputs = plan.by_name()
@@ -132,6 +146,7 @@ def execute(plan: Plan, folder: Path, *, checkpoints: Sequence[Checkpoint] | Non
                 if writers[i] is None:
                     writers[i] = ShardWriter(folder, shards[i])
                 writers[i].write(name, tensor)
+                written(tensor)
             except BaseException as e:  # surfaced in the main thread
                 write_error.append(e)
 

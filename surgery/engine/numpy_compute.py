@@ -19,7 +19,8 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from ..io.checkpoint import Checkpoint
-from ..io.pread import read_bytes
+from ..io.mapped import MappedFiles
+from .buffers import BufferPool
 from .evaluate import elementwise, evaluate, numpy_capable
 from .plan import OutputTensor, Ref, refs
 
@@ -56,12 +57,17 @@ def usable(outputs: Sequence[OutputTensor], ckpts: Sequence[Checkpoint]) -> bool
     return True
 
 
-def read(ckpt: Checkpoint, name: str, want_digest: bool):
-    """``(flat array in its storage dtype, sha256 hex of its bytes or None)``."""
-    info = ckpt.resolve(name)
-    raw = read_bytes(info)
-    digest = hashlib.sha256(raw).hexdigest() if want_digest else None
-    return raw.view(STORAGE[info.dtype]), digest
+def reader(files: MappedFiles):
+    """``read(checkpoint, name, want_digest) -> (flat read-only array in its storage dtype, sha256 hex
+    or None)``: a view into the mapped shard, its pages faulted in on the calling (read-ahead) thread."""
+
+    def read(ckpt: Checkpoint, name: str, want_digest: bool):
+        info = ckpt.resolve(name)
+        raw = files.view(info)
+        digest = hashlib.sha256(raw).hexdigest() if want_digest else None
+        return raw.view(STORAGE[info.dtype]), digest
+
+    return read
 
 
 def widen(raw: np.ndarray, code: str) -> np.ndarray:
@@ -95,15 +101,18 @@ _pool: ThreadPoolExecutor | None = None
 
 
 def compute(expr, loaded: Mapping[Ref, np.ndarray], codes: Mapping[Ref, str], shape: tuple[int, ...],
-            dtype_code: str) -> np.ndarray:
-    """The output tensor, flat, in its storage dtype."""
+            dtype_code: str, pool: BufferPool | None = None) -> np.ndarray:
+    """The output tensor, flat, in its storage dtype, in a buffer from ``pool``."""
     global _pool
     numel = math.prod(shape)
-    out = np.empty(numel, dtype=STORAGE[dtype_code])
+    storage = np.dtype(STORAGE[dtype_code])
+    out = (pool.take(numel * storage.itemsize) if pool is not None else np.empty(numel * storage.itemsize, np.uint8)
+           ).view(storage)
     if not elementwise(expr):  # a bare reference or a copy (``usable`` allows nothing else)
         src = refs(expr)[0]
         if codes[src] == dtype_code:
-            return loaded[src]  # the bytes as read, in a buffer of our own
+            np.copyto(out, loaded[src])  # the same bytes, out of the map (whose pages are released next)
+            return out
         with np.errstate(all="ignore"):
             store(widen(loaded[src], codes[src]), dtype_code, out)
         return out

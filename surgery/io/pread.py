@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import os
 
-import numpy as np
-
 from ..errors import CheckpointError
 from .safetensors_header import TensorInfo
 
@@ -32,12 +30,3 @@ def pread_into(info: TensorInfo, view: memoryview) -> None:
     finally:
         os.close(fd)
 
-
-def read_bytes(info: TensorInfo) -> np.ndarray:
-    """The tensor's bytes as a flat uint8 array."""
-    if info.begin < 0:
-        raise CheckpointError("pickled tensors are read through torch", file=info.file, tensor=info.name)
-    buf = np.empty(info.nbytes, dtype=np.uint8)
-    if info.nbytes:
-        pread_into(info, memoryview(buf))
-    return buf
