@@ -72,16 +72,17 @@ def tune_malloc() -> None:
 
     glibc raises its mmap threshold to the size of the largest buffer freed so far (up to 32 MB),
     after which freed tensors stay in the heap and resident memory creeps up over a run: a fixed
-    1 MB threshold keeps every tensor buffer mmapped, so peak memory stays flat whatever the model
-    size. Fixing it also freezes the trim threshold at 128 KB, and then every freed 256 KB block
-    temporary shrinks the heap and the next one faults its pages back in (hundreds of thousands of
-    page faults on a 300M soup): a 64 MB trim threshold and top pad keep those pages.
+    4 MB threshold keeps every large tensor buffer mmapped, so peak memory stays flat whatever the
+    model size, while 1 MB compute blocks stay in the heap. Fixing it also freezes the trim
+    threshold at 128 KB, and then every freed block temporary shrinks the heap and the next one
+    faults its pages back in (hundreds of thousands of page faults on a 300M soup): a 64 MB trim
+    threshold and top pad keep those pages.
     """
     try:
         import ctypes
 
         libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+        libc.mallopt(-3, 4 << 20)  # M_MMAP_THRESHOLD
         libc.mallopt(-1, 64 << 20)  # M_TRIM_THRESHOLD
         libc.mallopt(-2, 64 << 20)  # M_TOP_PAD
     except (OSError, AttributeError):  # not glibc: nothing to tune

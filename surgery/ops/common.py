@@ -51,6 +51,16 @@ def fresh(t):
     return t.astype(_target(t), copy=True) if isinstance(t, np.ndarray) else t.to(_target(t), copy=True)
 
 
+def left_to_right_sum(terms: list):
+    """terms[0] + terms[1] + ... as a new tensor (never one of the terms), added left to right."""
+    if len(terms) == 1:
+        return fresh(terms[0])
+    out = terms[0] + terms[1]
+    for t in terms[2:]:
+        out += t
+    return out
+
+
 def current_compute_dtype() -> str:
     return _COMPUTE_DTYPE.get()
 

@@ -57,6 +57,9 @@ def operation(name: str, *, elementwise: bool = False, numpy: bool = False):
 
 
 def get_operation(name: str) -> Operation:
+    op = OPERATIONS.get(name)
+    if op is not None:  # the common case, on every block: no import machinery
+        return op
     from . import load_all
 
     load_all()

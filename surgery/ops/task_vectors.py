@@ -1,7 +1,7 @@
 """Task-vector algebra: differences, sums, scaling, and zero-padding rows for vocabulary changes."""
 from __future__ import annotations
 
-from .common import compute, fresh, torch
+from .common import compute, left_to_right_sum, torch
 from .registry import operation
 
 
@@ -14,10 +14,7 @@ def sub(tensors: list[torch.Tensor]) -> torch.Tensor:
 @operation("add", elementwise=True, numpy=True)
 def add(tensors: list[torch.Tensor]) -> torch.Tensor:
     """The sum of all inputs, left to right."""
-    out = fresh(tensors[0])
-    for t in tensors[1:]:
-        out += compute(t)
-    return out
+    return left_to_right_sum([compute(t) for t in tensors])
 
 
 @operation("scale", elementwise=True, numpy=True)
