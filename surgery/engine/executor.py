@@ -67,13 +67,14 @@ def choose_backend(plan: Plan, ckpts: Sequence[Checkpoint], device) -> str:
     return "numpy" if numpy_compute.usable(plan.tensors, ckpts) else "torch"
 
 
-def tune_malloc() -> None:
+def tune_malloc(mmap_threshold: int = 4 << 20) -> None:
     """Make glibc return tensor-sized buffers to the OS, and keep block-sized ones.
 
     glibc raises its mmap threshold to the size of the largest buffer freed so far (up to 32 MB),
     after which freed tensors stay in the heap and resident memory creeps up over a run: a fixed
-    4 MB threshold keeps every large tensor buffer mmapped, so peak memory stays flat whatever the
-    model size, while 1 MB compute blocks stay in the heap. Fixing it also freezes the trim
+    threshold keeps every large tensor buffer mmapped, so peak memory stays flat whatever the model
+    size: 4 MB on the numpy path (its 1 MB compute blocks stay in the heap), 1 MB on the torch path
+    (whose blocks are smaller and whose tensors are many more fresh buffers). Fixing it also freezes the trim
     threshold at 128 KB, and then every freed block temporary shrinks the heap and the next one
     faults its pages back in (hundreds of thousands of page faults on a 300M soup): a 64 MB trim
     threshold and top pad keep those pages.
@@ -82,16 +83,22 @@ def tune_malloc() -> None:
         import ctypes
 
         libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 4 << 20)  # M_MMAP_THRESHOLD
+        libc.mallopt(-3, mmap_threshold)  # M_MMAP_THRESHOLD
         libc.mallopt(-1, 64 << 20)  # M_TRIM_THRESHOLD
         libc.mallopt(-2, 64 << 20)  # M_TOP_PAD
     except (OSError, AttributeError):  # not glibc: nothing to tune
         pass
 
 
-def _path(plan: Plan, ckpts: Sequence[Checkpoint], device, read_ahead_bytes: int):
-    """``(read, compute, written)`` for the chosen backend: ``compute(output tensor, loaded) -> host
-    array`` may recycle the inputs it was given; ``written(array)`` recycles an output once on disk."""
+@dataclass
+class _Backend:
+    read: Callable  # read(checkpoint, name, want_digest) -> (array, digest)
+    compute: Callable  # compute(output tensor, loaded) -> host array; may recycle the inputs
+    written: Callable  # written(array): an output is on disk, its buffer may be reused
+    mmap_threshold: int
+
+
+def _backend(plan: Plan, ckpts: Sequence[Checkpoint], device, read_ahead_bytes: int, tap=None) -> _Backend:
     if choose_backend(plan, ckpts, device) == "numpy":
         pool = BufferPool(limit=read_ahead_bytes)  # output buffers, recycled once written
         files = MappedFiles()
@@ -100,33 +107,41 @@ def _path(plan: Plan, ckpts: Sequence[Checkpoint], device, read_ahead_bytes: int
             infos = {r: ckpts[r.input].resolve(r.name) for r in loaded}
             result = numpy_compute.compute(out.expr, loaded, {r: i.dtype for r, i in infos.items()},
                                            out.spec.shape, out.spec.dtype, pool)
+            if tap is not None:
+                tap(out.spec.name, loaded)
             for info in infos.values():
                 files.release(info)
             return result
 
-        return numpy_compute.reader(files), compute_numpy, pool.give
+        return _Backend(numpy_compute.reader(files), compute_numpy, pool.give, 4 << 20)
     from . import torch_compute
 
     dev = torch_compute.resolve_device(device)
 
     def compute_torch(out, loaded):
-        return torch_compute.compute(out.expr, loaded, out.spec.shape, out.spec.dtype, dev).cpu()
+        result = torch_compute.compute(out.expr, loaded, out.spec.shape, out.spec.dtype, dev).cpu()
+        if tap is not None:
+            tap(out.spec.name, loaded)
+        return result
 
-    return torch_compute.reader(dev), compute_torch, lambda _tensor: None
+    return _Backend(torch_compute.reader(dev), compute_torch, lambda _tensor: None, 1 << 20)
 
 
 def execute(plan: Plan, folder: Path, *, checkpoints: Sequence[Checkpoint] | None = None,
             device="auto", shard_indices: Sequence[int] | None = None,
             progress: ProgressCallback | None = None, read_ahead_bytes: int = DEFAULT_READ_AHEAD_BYTES,
-            io_threads: int = 2, digests: dict | None = None, hash_inputs: Sequence[int] = ()) -> list[Shard]:
+            io_threads: int = 2, digests: dict | None = None, hash_inputs: Sequence[int] = (),
+            tap: Callable[[str, dict], None] | None = None) -> list[Shard]:
     """Compute the plan's shards (all, or ``shard_indices``) into ``folder``; returns every planned shard.
 
     Each shard depends only on the plan and the inputs, so shards can run in separate processes.
+    ``tap(name, {ref: input array})``, if given, sees each output tensor's inputs right after it is
+    computed, in writing order, on the calling thread (a side output such as a mask file).
     """
     ckpts = list(checkpoints) if checkpoints is not None else \
         [open_checkpoint(p, allow_pickle=plan.allow_pickle) for p in plan.inputs]
-    read, compute, written = _path(plan, ckpts, device, read_ahead_bytes)
-    tune_malloc()
+    backend = _backend(plan, ckpts, device, read_ahead_bytes, tap)
+    tune_malloc(backend.mmap_threshold)
     shards = plan.shards()
     chosen = range(len(shards)) if shard_indices is None else shard_indices
     outputs = plan.by_name()
@@ -147,7 +162,7 @@ def execute(plan: Plan, folder: Path, *, checkpoints: Sequence[Checkpoint] | Non
                 if writers[i] is None:
                     writers[i] = ShardWriter(folder, shards[i])
                 writers[i].write(name, tensor)
-                written(tensor)
+                backend.written(tensor)
             except BaseException as e:  # surfaced in the main thread
                 write_error.append(e)
 
@@ -156,9 +171,9 @@ def execute(plan: Plan, folder: Path, *, checkpoints: Sequence[Checkpoint] | Non
     done_bytes = 0
     try:
         with compute_dtype(plan.compute_dtype), contextlib.closing(
-                stream_inputs(ckpts, jobs, read, read_ahead_bytes, io_threads, digests, hash_inputs)) as stream:
+                stream_inputs(ckpts, jobs, backend.read, read_ahead_bytes, io_threads, digests, hash_inputs)) as stream:
             for count, ((i, name), loaded, nbytes) in enumerate(stream, start=1):
-                result = compute(outputs[name], loaded)
+                result = backend.compute(outputs[name], loaded)
                 del loaded
                 done_bytes += nbytes
                 if write_error:

@@ -65,12 +65,13 @@ class Plan:
     allow_pickle: bool = False
     recipe: dict = field(default_factory=dict)  # what the user asked for, for the model card
     compute_dtype: str = "F32"  # precision of the arithmetic ("F32" or "F64"); results are cast once
+    metadata: dict = field(default_factory=dict)  # strings for every shard's ``__metadata__`` (file formats built on safetensors)
 
     def __post_init__(self):
         self.max_shard_size = parse_size(self.max_shard_size)
 
     def shards(self) -> list[Shard]:
-        return plan_shards([t.spec for t in self.tensors], self.max_shard_size)
+        return plan_shards([t.spec for t in self.tensors], self.max_shard_size, self.metadata)
 
     def by_name(self) -> dict[str, OutputTensor]:
         return {t.spec.name: t for t in self.tensors}
@@ -78,7 +79,7 @@ class Plan:
     # -- plain data --------------------------------------------------------------------------
     def to_dict(self) -> dict:
         return {"inputs": self.inputs, "max_shard_size": self.max_shard_size, "allow_pickle": self.allow_pickle,
-                "recipe": self.recipe, "compute_dtype": self.compute_dtype,
+                "recipe": self.recipe, "compute_dtype": self.compute_dtype, "metadata": self.metadata,
                 "tensors": [{"name": t.spec.name, "dtype": t.spec.dtype, "shape": list(t.spec.shape),
                              "expr": _expr_to_data(t.expr)} for t in self.tensors]}
 
@@ -87,7 +88,7 @@ class Plan:
         tensors = [OutputTensor(TensorSpec(t["name"], t["dtype"], tuple(t["shape"])), _expr_from_data(t["expr"]))
                    for t in data["tensors"]]
         return cls(list(data["inputs"]), tensors, data["max_shard_size"], data.get("allow_pickle", False),
-                   data.get("recipe", {}), data.get("compute_dtype", "F32"))
+                   data.get("recipe", {}), data.get("compute_dtype", "F32"), data.get("metadata", {}))
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict())

@@ -69,6 +69,44 @@ class OutputFolder:
         return False
 
 
+class OutputFile:
+    """``with OutputFile(path, inputs, force) as tmp: ...write tmp...`` then it becomes ``path``:
+    single-file outputs (masks, sparse fine-tunes) appear only when complete, as folders do."""
+
+    def __init__(self, path, inputs: list[Path], force: bool = False):
+        self.out = Path(path).expanduser().resolve()
+        for root in inputs:
+            root = Path(root).resolve()
+            if self.out == root or self.out.is_relative_to(root) and root.is_file():
+                raise OutputError(f"output {self.out} is an input; choose another file")
+        if self.out.exists() and not force:
+            raise OutputError(f"output {self.out} already exists; pass --force to replace it")
+        if self.out.is_dir():
+            raise OutputError(f"output {self.out} is a folder, not a file")
+        self.force = force
+        self.tmp = self.out.parent / f".{self.out.name}.surgery-{os.getpid()}-{uuid.uuid4().hex[:8]}.partial"
+
+    def __enter__(self) -> Path:
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_partials(self.out)
+        return self.tmp
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if exc_type is not None:
+            self.tmp.unlink(missing_ok=True)
+            return False
+        fd = os.open(self.tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        if self.out.exists() and not self.force:
+            self.tmp.unlink(missing_ok=True)
+            raise OutputError(f"output {self.out} appeared while writing; pass --force to replace it")
+        os.replace(self.tmp, self.out)
+        return False
+
+
 def remove_stale_partials(out: Path) -> None:
     """Delete partial folders for ``out`` left by runs that were killed (their process is gone)."""
     for p in out.parent.glob(f".{glob.escape(out.name)}.surgery-*.partial"):
@@ -77,7 +115,10 @@ def remove_stale_partials(out: Path) -> None:
         except (IndexError, ValueError):
             continue
         if not _alive(pid):
-            shutil.rmtree(p, ignore_errors=True)
+            if p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
 
 
 def _alive(pid: int) -> bool:

@@ -99,4 +99,6 @@ def read_header(path: str) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     for (_, prev_end, prev), (begin, _, name) in zip(spans, spans[1:]):
         if begin < prev_end:
             raise CheckpointError(f"corrupt header: overlaps tensor {prev!r}", file=path, tensor=name)
-    return tensors, metadata
+    # in data order (the JSON key order is arbitrary): reads walk the file forwards, and "file order"
+    # (the tie-break of global top-k, the order of outputs) means one thing
+    return {name: tensors[name] for _, _, name in spans}, metadata

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -47,9 +47,10 @@ class TensorSpec:
 class Shard:
     filename: str
     tensors: tuple[TensorSpec, ...]  # in the order their bytes are written
+    metadata: dict | None = field(default=None, hash=False)  # extra ``__metadata__`` strings (format: pt is always there)
 
     def header_bytes(self) -> bytes:
-        header: dict = {"__metadata__": {"format": "pt"}}
+        header: dict = {"__metadata__": {"format": "pt", **(self.metadata or {})}}
         offset = 0
         for t in self.tensors:
             header[t.name] = {"dtype": t.dtype, "shape": list(t.shape), "data_offsets": [offset, offset + t.nbytes]}
@@ -63,7 +64,8 @@ class Shard:
         return sum(t.nbytes for t in self.tensors)
 
 
-def plan_shards(tensors: list[TensorSpec], max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE) -> list[Shard]:
+def plan_shards(tensors: list[TensorSpec], max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+                metadata: dict | None = None) -> list[Shard]:
     """Fill shards greedily in tensor order (as transformers does); a tensor larger than the limit gets its own.
 
     Inside a shard, wider dtypes come first so every tensor starts aligned to its element size.
@@ -82,7 +84,7 @@ def plan_shards(tensors: list[TensorSpec], max_shard_size: int | str = DEFAULT_M
     for i, group in enumerate(groups):
         name = "model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
         ordered = sorted(group, key=lambda t: -DTYPE_SIZES[t.dtype])  # stable: keeps name order within a width
-        shards.append(Shard(name, tuple(ordered)))
+        shards.append(Shard(name, tuple(ordered), metadata or None))
     return shards
 
 

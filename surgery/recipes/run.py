@@ -10,7 +10,7 @@ from ..engine.executor import ProgressCallback, execute
 from ..engine.plan import Plan
 from ..errors import PlanError
 from ..io.checkpoint import Checkpoint
-from ..io.output import OutputFolder, check_output, copy_sidecars, copy_tokenizer
+from ..io.output import OutputFile, OutputFolder, check_output, copy_sidecars, copy_tokenizer
 from ..io.writer import write_index
 
 DTYPE_NAMES = {
@@ -50,7 +50,7 @@ def sidecar_source(ckpts: list[Checkpoint], config_from) -> Path:
 def run_plan(plan: Plan, output, ckpts: list[Checkpoint], *, force: bool = False, config_from=None,
              config_overrides: dict | None = None, tokenizer_from: Path | None = None, copy_config: bool = True,
              extra_files: Callable[[Path], None] | None = None, tags: tuple[str, ...] = (), device: str = "auto",
-             progress: ProgressCallback | None = None, hash_inputs: Sequence[int] = ()) -> Path:
+             progress: ProgressCallback | None = None, hash_inputs: Sequence[int] = (), tap=None) -> Path:
     """Stream ``plan`` into ``output``, which appears only when complete.
 
     Config and other small files come from ``config_from`` (default: the first input), with
@@ -72,7 +72,7 @@ def run_plan(plan: Plan, output, ckpts: list[Checkpoint], *, force: bool = False
     with OutputFolder(out, force) as tmp:
         digests: dict = {} if hash_inputs else None
         shards = execute(plan, tmp, checkpoints=ckpts, device=device, progress=progress, digests=digests,
-                         hash_inputs=hash_inputs)
+                         hash_inputs=hash_inputs, tap=tap)
         if digests is not None:
             plan.recipe["content_sha256"] = {ckpts[i].source: content_hash(digests, i) for i in hash_inputs}
         write_index(tmp, shards)
@@ -85,6 +85,27 @@ def run_plan(plan: Plan, output, ckpts: list[Checkpoint], *, force: bool = False
             extra_files(tmp)
         write_card(tmp, plan.recipe, ckpts, list(tags), title=out.name)
     return out
+
+
+def write_single_file(plan: Plan, output, ckpts: list[Checkpoint], *, force: bool = False, device: str = "auto",
+                      progress: ProgressCallback | None = None) -> Path:
+    """Stream a one-shard ``plan`` into the file ``output`` (a file format built on safetensors),
+    which appears only when complete."""
+    import os
+
+    if len(plan.shards()) != 1:
+        raise PlanError("a single-file output must fit one shard")
+    with OutputFile(output, [c.root for c in ckpts], force) as tmp:
+        scratch = tmp.with_name(tmp.name + ".d")
+        scratch.mkdir()
+        try:
+            shard = execute(plan, scratch, checkpoints=ckpts, device=device, progress=progress)[0]
+            os.replace(scratch / shard.filename, tmp)
+        finally:
+            for p in scratch.iterdir():
+                p.unlink()
+            scratch.rmdir()
+    return Path(output)
 
 
 def content_hash(digests: dict, input_index: int) -> str:
