@@ -80,6 +80,14 @@ def widen(raw: np.ndarray, code: str) -> np.ndarray:
     return raw
 
 
+def _leaf(raw: np.ndarray, code: str) -> np.ndarray:
+    """A block of an input in the compute dtype, read-only: a tree may use it several times, and
+    operations update in place only the arrays they own (see ``ops.common.owned``)."""
+    leaf = to_compute(widen(raw, code))
+    leaf.flags.writeable = False
+    return leaf
+
+
 def store(value: np.ndarray, code: str, out: np.ndarray) -> None:
     """Round ``value`` into ``out`` (the output's storage dtype), as torch's ``.to`` would."""
     if code in ("F16", "BF16") and value.dtype != np.float32:
@@ -97,9 +105,8 @@ def store(value: np.ndarray, code: str, out: np.ndarray) -> None:
     else:
         rounded >>= 16
         np.copyto(out, rounded, casting="unsafe")
-    nan = np.isnan(value)
-    if nan.any():
-        out[nan] = _BF16_NAN
+    if np.isnan(value.max()):  # one reduction (max propagates NaN) instead of a mask per block
+        out[np.isnan(value)] = _BF16_NAN
 
 
 _THREADS = max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
@@ -133,7 +140,7 @@ def compute(expr, loaded: Mapping[Ref, np.ndarray], codes: Mapping[Ref, str], sh
         for start in range(lo, hi, BLOCK_ELEMENTS):
             stop = min(start + BLOCK_ELEMENTS, hi)
             # each leaf converted to the compute dtype once per block, however often the tree uses it
-            value = evaluate_block({r: to_compute(widen(a[start:stop], codes[r])) for r, a in loaded.items()})
+            value = evaluate_block({r: _leaf(a[start:stop], codes[r]) for r, a in loaded.items()})
             store(value, dtype_code, out[start:stop])
 
     n_blocks = -(-numel // BLOCK_ELEMENTS)

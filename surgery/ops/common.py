@@ -51,11 +51,23 @@ def fresh(t):
     return t.astype(_target(t), copy=True) if isinstance(t, np.ndarray) else t.to(_target(t), copy=True)
 
 
+def owned(t) -> bool:
+    """True for a numpy array an operation may update in place: the result of another operation
+    (each is used once, by its parent in the tree). The numpy path hands inputs over read-only;
+    torch tensors are never assumed owned."""
+    return isinstance(t, np.ndarray) and t.flags.writeable and t.flags.owndata
+
+
 def left_to_right_sum(terms: list):
-    """terms[0] + terms[1] + ... as a new tensor (never one of the terms), added left to right."""
+    """terms[0] + terms[1] + ... added left to right, never into an input (into ``terms[0]`` when
+    it is an owned intermediate: fewer buffers, the same bits)."""
     if len(terms) == 1:
-        return fresh(terms[0])
-    out = terms[0] + terms[1]
+        return terms[0] if owned(terms[0]) else fresh(terms[0])
+    if owned(terms[0]):
+        out = terms[0]
+        out += terms[1]
+    else:
+        out = terms[0] + terms[1]
     for t in terms[2:]:
         out += t
     return out
