@@ -2,7 +2,8 @@
 
 Format (version 1), one safetensors file, readable with ``safetensors.safe_open``:
 
-* per sparse tensor ``N``: ``N.indices`` (``I64 [k]``, flat row-major indices, ascending) and
+* per sparse tensor ``N``: ``N.indices`` (``[k]`` flat row-major indices, ascending: ``I32`` beside
+  float32 values, ``I64`` beside float64 values or for tensors of 2**31 entries or more) and
   ``N.values`` (``[k]``, the change ``ft - base`` at those entries, one precision above the model's:
   float32 for bf16/fp16 models, float64 for float32);
 * per densely tuned tensor: ``N.delta`` (the whole change, same precision rule);

@@ -117,14 +117,17 @@ def _backend(plan: Plan, ckpts: Sequence[Checkpoint], device, read_ahead_bytes: 
     from . import torch_compute
 
     dev = torch_compute.resolve_device(device)
+    read = torch_compute.reader(dev)
 
     def compute_torch(out, loaded):
         result = torch_compute.compute(out.expr, loaded, out.spec.shape, out.spec.dtype, dev).cpu()
         if tap is not None:
             tap(out.spec.name, loaded)
+        if not any(result.data_ptr() == t.data_ptr() for t in loaded.values()):  # a copy goes to the writer as is
+            read.release([ckpts[r.input].resolve(r.name) for r in loaded])
         return result
 
-    return _Backend(torch_compute.reader(dev), compute_torch, lambda _tensor: None, 1 << 20)
+    return _Backend(read, compute_torch, lambda _tensor: None, 1 << 20)
 
 
 def execute(plan: Plan, folder: Path, *, checkpoints: Sequence[Checkpoint] | None = None,

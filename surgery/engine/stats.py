@@ -30,12 +30,14 @@ def reduce_pass(ckpts: Sequence[Checkpoint], items: Sequence[tuple[str, Sequence
     dev = resolve_device(device)
     jobs = [(name, list(dict.fromkeys(r for e in exprs for r in refs(e)))) for name, exprs in items]
     by_name = dict(items)
+    read = reader(dev)
     with compute_dtype(precision), contextlib.closing(
-            stream_inputs(ckpts, jobs, reader(dev), digests=digests, hash_inputs=hash_inputs)) as stream:
+            stream_inputs(ckpts, jobs, read, digests=digests, hash_inputs=hash_inputs)) as stream:
         for name, loaded, _ in stream:
             numel = next(iter(loaded.values())).numel()
             for start, values in blocks(by_name[name], loaded, numel, dev):
                 fn(name, start, numel, values)
+            read.release([ckpts[r.input].resolve(r.name) for r in loaded])
 
 
 def global_topk_thresholds(ckpts: Sequence[Checkpoint], items: Sequence[tuple[str, Sequence[Expr]]],

@@ -33,14 +33,20 @@ def stream_inputs(ckpts: Sequence[Checkpoint], jobs: Sequence[tuple[Hashable, Se
     Reads for later jobs run on ``io_threads`` threads while the consumer works, as long as the
     bytes held (the consumer's current job included) stay within ``read_ahead_bytes``; a job larger
     than the budget is still read, alone. A job's tensors are released when the consumer asks for
-    the next one. For inputs in ``hash_inputs``, ``digests[(input, stored name)]`` receives the
+    the next one. A tensor the previous job also needs is taken from it, not read again. For inputs
+    in ``hash_inputs``, ``digests[(input, stored name)]`` receives the
     sha256 of each tensor's bytes, computed on the read threads.
     """
     hashed = set(hash_inputs)
 
-    def load(needs: Sequence[Ref]) -> dict:
+    def load(needs: Sequence[Ref], previous=None, shared=frozenset()) -> dict:
         out = {}
+        if shared:  # consecutive jobs over the same inputs (an SFT's indices, then its values): read once
+            before = previous.result()
+            out.update({r: before[r] for r in shared})
         for r in needs:
+            if r in out:
+                continue
             out[r], digest = read(ckpts[r.input], r.name, r.input in hashed)
             if digest is not None:
                 digests[(r.input, ckpts[r.input].resolve(r.name).name)] = digest
@@ -50,12 +56,17 @@ def stream_inputs(ckpts: Sequence[Checkpoint], jobs: Sequence[tuple[Hashable, Se
     pending: deque = deque()
     held = 0
     nxt = 0
+    last_future, last_needs = None, frozenset()
     with ThreadPoolExecutor(max_workers=io_threads, thread_name_prefix="surgery-read") as pool:
         try:
             for current in range(len(jobs)):
                 while nxt < len(jobs) and len(pending) < MAX_JOBS_AHEAD and \
                         (not pending or held + cost[nxt] <= read_ahead_bytes):
-                    pending.append(pool.submit(load, jobs[nxt][1]))
+                    needs = jobs[nxt][1]
+                    shared = frozenset(needs) & last_needs
+                    last_future = pool.submit(load, needs, last_future, shared)
+                    last_needs = frozenset(needs)
+                    pending.append(last_future)
                     held += cost[nxt]
                     nxt += 1
                 loaded = pending.popleft().result()

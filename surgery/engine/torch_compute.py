@@ -10,6 +10,7 @@ import contextlib
 import contextvars
 import hashlib
 import math
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from typing import Iterator, Sequence
 
@@ -17,6 +18,7 @@ import torch
 
 from ..errors import SurgeryError
 from ..io.checkpoint import Checkpoint
+from ..io.mapped import MappedFiles
 from ..io.read import TORCH_DTYPES
 from .evaluate import elementwise, evaluate
 from .plan import Expr, Ref
@@ -33,17 +35,41 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     return dev
 
 
-def reader(device: torch.device):
-    """``read(checkpoint, name, want_digest) -> (tensor on device, sha256 hex of its bytes or None)``."""
+class Reader:
+    """``read(checkpoint, name, want_digest) -> (tensor on device, sha256 hex of its bytes or None)``.
 
-    def read(ckpt: Checkpoint, name: str, want_digest: bool):
+    On the CPU, safetensors inputs are zero-copy views into read-only shared maps (see
+    :mod:`surgery.io.mapped`): no copy, no fresh pages to zero. The consumer calls ``release`` with
+    the tensors' infos once it is done with them. Operations never write into their inputs."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.files = MappedFiles() if device.type == "cpu" else None
+
+    def __call__(self, ckpt: Checkpoint, name: str, want_digest: bool):
+        info = ckpt.resolve(name)
+        if self.files is not None and info.begin >= 0:
+            raw = self.files.view(info)
+            digest = hashlib.sha256(raw).hexdigest() if want_digest else None
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)  # "not writable": by design, see above
+                flat = torch.from_numpy(raw) if raw.size else torch.empty(0, dtype=torch.uint8)
+            return flat.view(TORCH_DTYPES[info.dtype]).reshape(info.shape), digest
         if not want_digest:
-            return ckpt.read(name, device), None
+            return ckpt.read(name, self.device), None
         t = ckpt.read(name, "cpu")
         digest = hashlib.sha256(t.reshape(-1).view(torch.uint8).numpy()).hexdigest()
-        return t.to(device), digest
+        return t.to(self.device), digest
 
-    return read
+    def release(self, infos) -> None:
+        if self.files is not None:
+            for info in infos:
+                if info.begin >= 0:
+                    self.files.release(info)
+
+
+def reader(device: torch.device) -> Reader:
+    return Reader(device)
 
 
 def _blockable(exprs: Sequence[Expr], loaded: dict[Ref, torch.Tensor], numel: int, device: torch.device) -> bool:

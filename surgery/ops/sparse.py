@@ -5,25 +5,43 @@ per tensor, how many entries exactly at the threshold it keeps (the first ones i
 """
 from __future__ import annotations
 
-import numpy as np
-
 from .common import compute, torch
 from .registry import operation
 
 
-def selected(delta, threshold_bits: int | None, quota: int):
-    """Flat bool mask: magnitudes above the threshold, plus the first ``quota`` equal to it."""
+OP_BLOCK = 1 << 18  # entries per step inside an operation: temporaries stay small and reused
+
+
+def _mask(delta, threshold_bits: int | None, quota: int):
+    """``(flat bool mask, ties used)``: magnitudes above the threshold, plus the first ``quota``
+    entries equal to it."""
     bits = delta.detach().abs().to(torch.float32).reshape(-1).view(torch.int32)
     if threshold_bits is None:
-        return torch.zeros(bits.numel(), dtype=torch.bool, device=bits.device)
+        return torch.zeros(bits.numel(), dtype=torch.bool, device=bits.device), 0
     mask = bits > threshold_bits
-    if quota:
-        mask[(bits == threshold_bits).nonzero().reshape(-1)[:quota]] = True
-    return mask
+    if not quota:
+        return mask, 0
+    ties = (bits == threshold_bits).nonzero().reshape(-1)[:quota]
+    mask[ties] = True
+    return mask, ties.numel()
 
 
-def _delta(tensors):
-    return compute(tensors[1]) - compute(tensors[0])
+def selected(delta, threshold_bits: int | None, quota: int):
+    """The selection of one whole tensor's delta, as a flat bool mask."""
+    return _mask(delta, threshold_bits, quota)[0]
+
+
+def selection(tensors, threshold_bits: int | None, quota: int):
+    """``(start, stop, base piece, ft piece, delta piece, mask piece)`` over the flattened
+    ``(base, ft)`` pair, ``OP_BLOCK`` entries at a time, ties counted across pieces in order."""
+    base, ft = (t.reshape(-1) for t in tensors)
+    remaining = quota
+    for start in range(0, base.numel(), OP_BLOCK):
+        b, f = base[start:start + OP_BLOCK], ft[start:start + OP_BLOCK]
+        d = compute(f) - compute(b)
+        mask, used = _mask(d, threshold_bits, remaining)
+        remaining -= used
+        yield start, start + b.numel(), b, f, d, mask
 
 
 @operation("graft")
@@ -31,28 +49,24 @@ def graft(tensors: list, *, threshold_bits: int | None, quota: int = 0):
     """theta = base + gamma * (ft - base) for a 0/1 mask gamma: the fine-tuned entry where selected,
     the base entry elsewhere (taken as they are, so sparsity 0 is the base and 1 the fine-tune, bit for bit)."""
     base, ft = tensors
-    mask = selected(_delta(tensors), threshold_bits, quota).reshape(base.shape)
-    return torch.where(mask, ft, base)
+    out = torch.empty(base.numel(), dtype=torch.promote_types(base.dtype, ft.dtype), device=base.device)
+    for start, stop, b, f, _, mask in selection(tensors, threshold_bits, quota):
+        out[start:stop] = torch.where(mask, f, b)
+    return out.reshape(base.shape)
 
 
 @operation("sparse_indices")
 def sparse_indices(tensors: list, *, threshold_bits: int | None, quota: int = 0):
     """Flat (row-major) indices of the selected entries of ft - base, ascending."""
-    return selected(_delta(tensors), threshold_bits, quota).nonzero().reshape(-1)
+    parts = [mask.nonzero().reshape(-1) + start for start, _, _, _, _, mask in selection(tensors, threshold_bits, quota)]
+    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.int64)
 
 
 @operation("sparse_values")
 def sparse_values(tensors: list, *, threshold_bits: int | None, quota: int = 0):
     """ft - base at the selected entries, in index order (in the compute dtype; the plan casts)."""
-    delta = _delta(tensors).reshape(-1)
-    return delta[selected(delta, threshold_bits, quota)]
-
-
-@operation("mask_bits")
-def mask_bits(tensors: list, *, threshold_bits: int | None, quota: int = 0):
-    """The selection as packed bits, little-endian within each byte (numpy ``packbits(bitorder="little")``)."""
-    mask = selected(_delta(tensors), threshold_bits, quota).cpu().numpy()
-    return torch.from_numpy(np.packbits(mask, bitorder="little"))
+    parts = [d[mask] for _, _, _, _, d, mask in selection(tensors, threshold_bits, quota)]
+    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64)
 
 
 @operation("scatter_add")

@@ -77,15 +77,17 @@ def _mask_writer(path: Path, plan: Plan, topk: TopK, names: Sequence[str], recip
 
 
 def _mask_tap(writer: ShardWriter, chosen: set[str], topk: TopK):
-    from ..ops.common import compute
-    from ..ops.sparse import selected
+    import numpy as np
+
+    from ..ops.sparse import selection
 
     def tap(name: str, loaded: dict) -> None:
         if name not in chosen:
             return
-        base, ft = loaded[Ref(0, name)], loaded[Ref(1, name)]
-        mask = selected(compute(ft) - compute(base), topk.threshold_bits, topk.quota[name]).cpu().numpy()
-        encoding = masks.encoding_for(mask.size, topk.kept[name])
-        writer.write(name, masks.encode(mask, encoding))
+        pair = [loaded[Ref(0, name)], loaded[Ref(1, name)]]
+        mask = np.empty(pair[0].numel(), dtype=bool)
+        for start, stop, *_, piece in selection(pair, topk.threshold_bits, topk.quota[name]):
+            mask[start:stop] = piece.cpu().numpy()
+        writer.write(name, masks.encode(mask, masks.encoding_for(mask.size, topk.kept[name])))
 
     return tap

@@ -46,7 +46,10 @@ def extract(base, ft, output, *, density: float | None = None, k: int | None = N
             continue
         vdt = VALUE_DTYPE.get(b.resolve(n).dtype, "F64")
         params = {"threshold_bits": topk.threshold_bits, "quota": topk.quota[n]}
-        tensors += [OutputTensor(TensorSpec(n + ".indices", "I64", (kept,)),
+        # indices as wide as the values, so the two entries sit side by side in the file and the
+        # writing pass reads their inputs once
+        idt = "I32" if vdt == "F32" and numel(f, n) < 2**31 else "I64"
+        tensors += [OutputTensor(TensorSpec(n + ".indices", idt, (kept,)),
                                  Call.of("sparse_indices", [Ref(0, n), Ref(1, n)], **params)),
                     OutputTensor(TensorSpec(n + ".values", vdt, (kept,)),
                                  Call.of("sparse_values", [Ref(0, n), Ref(1, n)], **params))]
