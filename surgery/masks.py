@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import CheckpointError
-from .io.safetensors_header import read_header
+from .io.safetensors_header import format_metadata, read_header
 from .io.writer import TensorSpec
 
 FORMAT = "surgery-mask"
@@ -74,14 +74,7 @@ class Mask:
     def open(cls, path) -> "Mask":
         path = Path(path)
         entries, meta = read_header(str(path))
-        if (meta or {}).get("format") != FORMAT:
-            raise CheckpointError(f"not a surgery mask file (metadata format is {(meta or {}).get('format')!r})",
-                                  file=str(path))
-        try:
-            tensors = json.loads(meta["tensors"])
-            recipe = json.loads(meta.get("recipe", "{}"))
-        except (KeyError, ValueError) as e:
-            raise CheckpointError(f"mask metadata is unreadable: {e}", file=str(path)) from e
+        tensors, recipe = format_metadata(meta, FORMAT, "mask", str(path))
         for name, t in tensors.items():
             info = entries.get(name)
             numel = math.prod(t["shape"])

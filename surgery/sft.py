@@ -22,6 +22,7 @@ from pathlib import Path
 
 from .errors import CheckpointError
 from .io.checkpoint import Checkpoint, open_checkpoint
+from .io.safetensors_header import format_metadata
 
 FORMAT = "surgery-sft"
 VALUE_DTYPE = {"BF16": "F32", "F16": "F32", "F32": "F64", "F64": "F64"}
@@ -42,14 +43,8 @@ class SparseFineTune:
     def open(cls, path) -> "SparseFineTune":
         ckpt = open_checkpoint(path)
         meta = _metadata(ckpt)
-        if meta.get("format") != FORMAT:
-            raise CheckpointError(f"not a surgery SFT file (metadata format is {meta.get('format')!r}); "
-                                  "composable-sft pytorch_diff.bin files are read with --allow-pickle", file=str(path))
-        try:
-            tensors = json.loads(meta["tensors"])
-            recipe = json.loads(meta.get("recipe", "{}"))
-        except (KeyError, ValueError) as e:
-            raise CheckpointError(f"SFT metadata is unreadable: {e}", file=str(path)) from e
+        tensors, recipe = format_metadata(meta, FORMAT, "SFT", str(path),
+                                          "; composable-sft pytorch_diff.bin files are read with --allow-pickle")
         for name, t in tensors.items():
             for suffix in SUFFIX.get(t.get("kind"), ()):
                 if ckpt.resolve(name + suffix) is None:

@@ -102,3 +102,15 @@ def read_header(path: str) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     # in data order (the JSON key order is arbitrary): reads walk the file forwards, and "file order"
     # (the tie-break of global top-k, the order of outputs) means one thing
     return {name: tensors[name] for _, _, name in spans}, metadata
+
+
+def format_metadata(meta: dict | None, expected: str, what: str, path: str, hint: str = "") -> tuple[dict, dict]:
+    """``(tensors, recipe)`` from the JSON metadata of a file format built on safetensors (masks,
+    sparse fine-tunes), after checking its ``format`` field."""
+    meta = meta or {}
+    if meta.get("format") != expected:
+        raise CheckpointError(f"not a surgery {what} file (metadata format is {meta.get('format')!r}){hint}", file=path)
+    try:
+        return json.loads(meta["tensors"]), json.loads(meta.get("recipe", "{}"))
+    except (KeyError, ValueError) as e:
+        raise CheckpointError(f"{what} metadata is unreadable: {e}", file=path) from e
