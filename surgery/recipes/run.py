@@ -108,6 +108,22 @@ def write_single_file(plan: Plan, output, ckpts: list[Checkpoint], *, force: boo
     return Path(output)
 
 
+def checkpoint_content_hash(ckpt: Checkpoint) -> str | None:
+    """The content hash of a whole safetensors checkpoint (None for pickled ones), reading each
+    tensor once through a map."""
+    import hashlib
+
+    from ..io.mapped import MappedFiles
+
+    if ckpt.pickled:
+        return None
+    files, digests = MappedFiles(), {}
+    for name, info in ckpt.tensors.items():
+        digests[(0, name)] = hashlib.sha256(files.view(info)).hexdigest()
+        files.release(info)
+    return content_hash(digests, 0)
+
+
 def content_hash(digests: dict, input_index: int) -> str:
     """sha256 over one input's (name, sha256 of its bytes) pairs, sorted by name: the same for the
     same weights however they are sharded."""
