@@ -24,23 +24,34 @@ def graft(
     include: Optional[List[str]] = INCLUDE,
     exclude: Optional[List[str]] = EXCLUDE,
     mask_out: Optional[Path] = typer.Option(None, "--mask-out", help="Also write the mask as a mask file."),
+    mask: Optional[Path] = typer.Option(None, "--mask", help="Graft by this mask file instead of a top-k."),
+    learn: bool = typer.Option(False, "--learn", help="Train the mask from the top-k one on --data (the paper's method)."),
+    data: Optional[Path] = typer.Option(None, "--data", help="Training JSONL for --learn: text (and label)."),
+    eval_data: Optional[Path] = typer.Option(None, "--eval-data", help="Validation JSONL for choosing the best mask."),
+    task: str = typer.Option("classification", help="With --learn: classification (text, label) or lm (text)."),
+    epochs: int = typer.Option(5, help="With --learn: passes over --data."),
+    lr: float = typer.Option(1e7, help="With --learn: learning rate of the mask logits (the paper's 1e7)."),
     dtype: Optional[str] = typer.Option(None, help=DTYPE_HELP.replace("first input", "base")),
     device: str = DEVICE,
     max_shard_size: str = SHARD,
     force: bool = FORCE,
     quiet: bool = QUIET,
 ) -> None:
-    """Model grafting: BASE + gamma * (FT - BASE), gamma the global top-k of |FT - BASE|.
+    """Model grafting: BASE + gamma * (FT - BASE), gamma the global top-k of |FT - BASE|, a mask
+    file, or (--learn) a mask trained from the top-k one.
 
     By default only tensors inside numbered blocks are grafted (embeddings, final norm and heads come
     from the base, as in the paper); --include replaces that choice."""
-    if (sparsity is None) == (k is None):
-        fail("give one of --sparsity and --k")
+    if mask is None and (sparsity is None) == (k is None):
+        fail("give one of --sparsity and --k (or --mask)")
+    if learn and data is None:
+        fail("--learn needs --data")
     with reported_errors(), tensor_progress("graft", quiet) as progress:
         from surgery.recipes.graft import graft as run
 
         out = run(base, ft, output, sparsity=sparsity, k=k, include=include or (), exclude=exclude or (),
-                  mask_out=mask_out, dtype=dtype, device=device, max_shard_size=max_shard_size, force=force,
+                  mask_out=mask_out, mask=mask, learn=learn, data=data, eval_data=eval_data, task=task,
+                  epochs=epochs, lr=lr, dtype=dtype, device=device, max_shard_size=max_shard_size, force=force,
                   progress=progress)
     typer.echo(f"wrote {out}" + (f" and {mask_out}" if mask_out else ""))
 

@@ -91,3 +91,20 @@ def add_dense(tensors: list, *, signs: list[float]):
     for sign, d in zip(signs, tensors[1:]):
         out += compute(d) * sign
     return out
+
+
+@operation("apply_mask")
+def apply_mask(tensors: list, *, encoding: str):
+    """where(mask, ft, base) for a mask-file entry (``tensors = [base, ft, entry]``): the grafted
+    tensor for a mask that is not a top-k threshold (a learned mask, or one given by the user)."""
+    base, ft, entry = tensors
+    n = base.numel()
+    if encoding == "indices":
+        mask = torch.zeros(n, dtype=torch.bool, device=base.device)
+        mask[entry.reshape(-1).to(torch.int64).to(base.device)] = True
+    else:
+        import numpy as np
+
+        bits = np.unpackbits(entry.reshape(-1).cpu().numpy(), count=n, bitorder="little").astype(bool)
+        mask = torch.from_numpy(bits).to(base.device)
+    return torch.where(mask.reshape(base.shape), ft, base)

@@ -12,6 +12,7 @@ from typing import Sequence
 
 from ..engine.plan import Call, OutputTensor, Plan, Ref
 from ..engine.topk import TopK, global_topk
+from ..errors import PlanError
 from ..io.checkpoint import open_checkpoints
 from ..io.output import OutputFile
 from ..io.safetensors_header import FLOAT_DTYPES
@@ -22,36 +23,39 @@ from .selection import candidates, keep_count, numel
 
 
 def graft(base, ft, output, *, sparsity: float | None = None, k: int | None = None, include: Sequence[str] = (),
-          exclude: Sequence[str] = (), mask_out=None, dtype: str | None = None, device: str = "auto",
+          exclude: Sequence[str] = (), mask_out=None, mask=None, learn: bool = False, data=None, eval_data=None,
+          task: str = "classification", epochs: int = 5, lr: float = 1e7, sigmoid_bias: float = 10.0,
+          batch_size: int = 16, seed: int = 0, dtype: str | None = None, device: str = "auto",
           max_shard_size=DEFAULT_MAX_SHARD_SIZE, force: bool = False, progress=None) -> Path:
     """Write the grafted model to ``output`` (config and tokenizer from the fine-tune) and, with
     ``mask_out``, the mask as a mask file. Tensors outside the selection come from the base (from
-    the fine-tune where the base lacks them or has another shape)."""
+    the fine-tune where the base lacks them or has another shape).
+
+    The mask is the global top-k of |ft - base| (``sparsity`` or ``k``); or an existing mask file
+    (``mask``); or, with ``learn``, trained from that top-k on ``data`` (JSONL, see
+    :mod:`surgery.learned_graft`) and kept at its best rounded epoch on ``data`` plus ``eval_data``."""
     ckpts = open_checkpoints([base, ft])
     b, f = ckpts
+    if mask is not None:
+        return _graft_with_mask_file(ckpts, Path(mask), output, {"operation": "graft", "mask": str(mask)},
+                                     dtype=dtype, device=device, max_shard_size=max_shard_size, force=force,
+                                     progress=progress)
     names = candidates(b, f, include, exclude)
     total = sum(numel(f, n) for n in names)
     keep = keep_count(total, sparsity, k)
     items = [(n, [Call.of("sub", [Ref(1, n), Ref(0, n)])]) for n in names]
     topk = global_topk(ckpts, items, [keep], device)[0]
-    out_dtype = parse_dtype(dtype)
-    chosen = set(names)
-    tensors = []
-    for name, info in f.tensors.items():
-        in_base = b.resolve(name)
-        source = 0 if in_base is not None and tuple(in_base.shape) == tuple(info.shape) else 1
-        like = in_base if source == 0 else info
-        spec_dtype = out_dtype if out_dtype and like.dtype in FLOAT_DTYPES else like.dtype
-        if name in chosen:
-            expr = Call.of("graft", [Ref(0, name), Ref(1, name)], threshold_bits=topk.threshold_bits,
-                           quota=topk.quota[name])
-        else:
-            expr = Ref(source, name)
-        tensors.append(OutputTensor(TensorSpec(name, spec_dtype, tuple(info.shape)), expr))
     recipe = {"operation": "graft", "base": b.source, "ft": f.source, "sparsity": sparsity, "k": keep,
               "selected_entries": total, "threshold": topk.threshold, "include": list(include),
               "exclude": list(exclude), "dtype": dtype}
-    plan = Plan([c.source for c in ckpts], tensors, max_shard_size, recipe=recipe, compute_dtype="F64")
+    if learn:
+        return _learned(ckpts, names, topk, output, recipe, mask_out=mask_out, data=data, eval_data=eval_data,
+                        task=task, epochs=epochs, lr=lr, sigmoid_bias=sigmoid_bias, batch_size=batch_size,
+                        seed=seed, dtype=dtype, device=device, max_shard_size=max_shard_size, force=force,
+                        progress=progress)
+    plan = Plan([c.source for c in ckpts], _tensors(b, f, parse_dtype(dtype), {
+        n: Call.of("graft", [Ref(0, n), Ref(1, n)], threshold_bits=topk.threshold_bits, quota=topk.quota[n])
+        for n in names}), max_shard_size, recipe=recipe, compute_dtype="F64")
     if mask_out is None:
         return run_plan(plan, output, ckpts, force=force, config_from=1, tokenizer_from=f.root,
                         tags=("graft",), device=device, progress=progress)
@@ -62,6 +66,86 @@ def graft(base, ft, output, *, sparsity: float | None = None, k: int | None = No
                        tags=("graft",), device=device, progress=progress, tap=tap)
         writer.close()
     return out
+
+
+def _tensors(b, f, out_dtype: str | None, grafted: dict) -> list[OutputTensor]:
+    """The fine-tune's tensors: ``grafted[name]`` where given, else the base's (the fine-tune's where
+    the base lacks it or has another shape)."""
+    tensors = []
+    for name, info in f.tensors.items():
+        in_base = b.resolve(name)
+        source = 0 if in_base is not None and tuple(in_base.shape) == tuple(info.shape) else 1
+        like = in_base if source == 0 else info
+        spec_dtype = out_dtype if out_dtype and like.dtype in FLOAT_DTYPES else like.dtype
+        tensors.append(OutputTensor(TensorSpec(name, spec_dtype, tuple(info.shape)), grafted.get(name, Ref(source, name))))
+    return tensors
+
+
+def _graft_with_mask_file(ckpts, mask_path: Path, output, recipe: dict, *, dtype, device, max_shard_size, force,
+                          progress) -> Path:
+    """Graft by the masks of a mask file (opened as a third input, its entries streamed like weights)."""
+    from ..io.checkpoint import open_checkpoint
+
+    b, f = ckpts
+    mask = masks.Mask.open(mask_path)
+    for name, t in mask.tensors.items():
+        if f.resolve(name) is None or b.resolve(name) is None or list(f.resolve(name).shape) != t["shape"]:
+            raise PlanError(f"{mask_path}: mask tensor {name} (shape {t['shape']}) is not in both models with that shape")
+    with_mask = list(ckpts) + [open_checkpoint(mask_path)]
+    grafted = {n: Call.of("apply_mask", [Ref(0, n), Ref(1, n), Ref(2, n)], encoding=t["encoding"])
+               for n, t in mask.tensors.items()}
+    recipe = {**recipe, "base": b.source, "ft": f.source, "kept": mask.kept, "masked_entries": mask.total}
+    plan = Plan([c.source for c in with_mask], _tensors(b, f, parse_dtype(dtype), grafted), max_shard_size,
+                recipe=recipe, compute_dtype="F64")
+    return run_plan(plan, output, with_mask, force=force, config_from=1, tokenizer_from=f.root,
+                    tags=("graft",), device=device, progress=progress)
+
+
+def _learned(ckpts, names, topk: TopK, output, recipe: dict, *, mask_out, data, eval_data, task, epochs, lr,
+             sigmoid_bias, batch_size, seed, dtype, device, max_shard_size, force, progress) -> Path:
+    import tempfile
+
+    import torch
+
+    from ..learned_graft import learn_mask, read_jsonl
+    from ..ops.sparse import selection
+
+    if data is None:
+        raise PlanError("learned grafting needs --data (JSONL with text, and label for classification)")
+    b, f = ckpts
+    basepatch = {}
+    for n in names:  # the weight-only top-k mask, as bool tensors
+        pieces = [piece for *_, piece in selection([b.read(n), f.read(n)], topk.threshold_bits, topk.quota[n])]
+        basepatch[n] = torch.cat(pieces).reshape(b.resolve(n).shape)
+    dev = "cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device)
+    learned = learn_mask(b.source, str(f.root), names, basepatch, data=read_jsonl(data, task),
+                         eval_data=read_jsonl(eval_data, task) if eval_data else None, task=task, epochs=epochs,
+                         lr=lr, sigmoid_bias=sigmoid_bias, batch_size=batch_size, seed=seed, device=dev)
+    recipe = {**recipe, "operation": "graft_learned", "task": task, "epochs": epochs, "lr": lr,
+              "sigmoid_bias": sigmoid_bias, "best_epoch": learned.best_epoch, "history": learned.history,
+              "data": str(data), "eval_data": str(eval_data) if eval_data else None}
+    with tempfile.TemporaryDirectory(prefix="surgery-graft-") as scratch:
+        path = Path(mask_out) if mask_out is not None else Path(scratch) / "mask.safetensors"
+        write_mask(path, learned.masks, recipe, force=force, inputs=[c.root for c in ckpts])
+        return _graft_with_mask_file(ckpts, path, output, recipe, dtype=dtype, device=device,
+                                     max_shard_size=max_shard_size, force=force, progress=progress)
+
+
+def write_mask(path: Path, tensor_masks: dict, recipe: dict, *, force: bool = False, inputs=()) -> Path:
+    """Write in-memory masks (name -> bool tensor or array) as a mask file, atomically."""
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    entries, info = {}, {}
+    for name, m in tensor_masks.items():
+        arr = np.asarray(m.cpu().numpy() if hasattr(m, "cpu") else m, dtype=bool)
+        kept = int(arr.sum())
+        encoding = masks.encoding_for(arr.size, kept)
+        entries[name] = masks.encode(arr, encoding)
+        info[name] = {"shape": list(arr.shape), "kept": kept, "encoding": encoding}
+    with OutputFile(path, list(inputs), force) as tmp:
+        save_file(entries, str(tmp), metadata=masks.metadata(info, recipe))
+    return Path(path)
 
 
 def _mask_writer(path: Path, plan: Plan, topk: TopK, names: Sequence[str], recipe: dict) -> ShardWriter:
