@@ -34,7 +34,8 @@ class LTSFTResult:
 def train_lt_sft(model, batches: Callable[[], Iterable[dict]], *, k: int, full_steps: int, sparse_steps: int,
                  lr: float = 5e-5, sparse_lr: float | None = None, weight_decay: float = 0.0,
                  base_names: Sequence[str] | None = None, include: str | None = None, exclude: str | None = NORM,
-                 dense: str | None = None, loss_fn: Callable | None = None, device: str = "cpu") -> LTSFTResult:
+                 dense: str | None = None, loss_fn: Callable | None = None, device: str = "cpu",
+                 masks: dict | None = None) -> LTSFTResult:
     """Train ``model`` (a torch module whose current weights are theta0) with LT-SFT.
 
     ``batches()`` returns an iterable of keyword-argument dicts for the model (cycled as needed);
@@ -42,7 +43,8 @@ def train_lt_sft(model, batches: Callable[[], Iterable[dict]], *, k: int, full_s
     base checkpoint has (others are a new head, trained densely and exported as absolute values);
     ``include``/``exclude``/``dense``: regexes over parameter names choosing the sparse candidates,
     the frozen ones (default: norms) and those trained whole. ``k`` entries are selected over all
-    sparse candidates together."""
+    sparse candidates together. ``masks`` (name -> bool tensor) skips the full fine-tune and the
+    selection and trains those entries instead (a random-mask control, say)."""
     import torch
 
     model.to(device).train()
@@ -76,6 +78,14 @@ def train_lt_sft(model, batches: Callable[[], Iterable[dict]], *, k: int, full_s
                         params[n].grad.mul_(masks[n])
             opt.step()
 
+    if masks is not None:
+        unknown = sorted(set(masks) - set(sparse))
+        if unknown:
+            raise PlanError(f"masks for tensors that are not sparse candidates: {unknown[:5]}")
+        masks = {n: masks.get(n, torch.zeros(params[n].shape, dtype=torch.bool)).to(params[n].device) for n in sparse}
+        run(sparse_steps, sparse_lr or lr, {n: m.to(params[n].dtype) for n, m in masks.items()})
+        model.eval()
+        return LTSFTResult(model, theta0, {n: m.cpu() for n, m in masks.items()}, dense_names, absolute)
     run(full_steps, lr, None)
     with torch.no_grad():
         moved = torch.cat([(params[n].detach() - theta0[n]).abs().reshape(-1).float() for n in sparse]) \
