@@ -117,18 +117,25 @@ def test_numpy_path_matches_torch_path_bit_for_bit(tmp_path, monkeypatch, case, 
     assert torch.equal(by_numpy["ids"], torch.arange(7) + 2) and by_numpy["flag"].tolist() == [True, False]
 
 
-def test_plans_that_need_torch_take_the_torch_path(tmp_path, monkeypatch):
-    ckpts = _inputs(tmp_path, ("F32", "F32", "F32"))
+def test_tensors_that_need_torch_take_it_and_the_rest_stay_on_numpy(tmp_path, monkeypatch):
+    ckpts = _inputs(tmp_path, ("F32", "BF16", "F32"))
     refs = [Ref(i, "w") for i in range(3)]
-    ties = Plan([c.source for c in ckpts], [OutputTensor(TensorSpec("w", "F32", (N,)),
-                Call.of("sign_consensus_mean", refs, weights=[1.0, 1.0, 1.0]))])
-    assert choose_backend(ties, ckpts, "cpu") == "torch"
+    ties = Plan([c.source for c in ckpts], [
+        OutputTensor(TensorSpec("w", "F32", (N,)), Call.of("sign_consensus_mean", refs, weights=[1.0, 1.0, 1.0])),
+        OutputTensor(TensorSpec("small", "BF16", (10, 10)), Call.of("mean", [Ref(i, "small") for i in range(3)])),
+        OutputTensor(TensorSpec("ids", "I64", (7,)), Ref(0, "ids"))], compute_dtype="F64")
+    assert choose_backend(ties, ckpts, "cpu") == "mixed"
     integer_sum = Plan([c.source for c in ckpts], [OutputTensor(TensorSpec("ids", "I64", (7,)),
                        Call.of("add", [Ref(0, "ids"), Ref(1, "ids")]))])
-    assert choose_backend(integer_sum, ckpts, "cpu") == "torch"  # integer promotion differs in numpy
+    assert choose_backend(integer_sum, ckpts, "cpu") == "mixed"  # integer promotion differs in numpy: torch
+    mixed = _run(ties, ckpts, tmp_path / "mixed", "", monkeypatch)
+    by_torch = _run(ties, ckpts, tmp_path / "torch", "torch", monkeypatch)
+    for name in by_torch:
+        assert_same_bits(mixed[name], by_torch[name], name)
     soup = Plan([c.source for c in ckpts], [OutputTensor(TensorSpec("w", "F32", (N,)), Call.of("mean", refs))])
     monkeypatch.setenv(BACKEND_ENV, "torch")
     assert choose_backend(soup, ckpts, "cpu") == "torch"
+    assert choose_backend(ties, ckpts, "cpu") == "torch"
     monkeypatch.setenv(BACKEND_ENV, "numpy")
     with pytest.raises(SurgeryError, match="needs torch"):
         choose_backend(ties, ckpts, "cpu")

@@ -143,3 +143,26 @@ def test_sft_cli(zoo, tmp_path, cli):
     before = (tmp_path / "t.sft").read_bytes()
     cli("sft", "extract", "--base", base, "--ft", ft, "--k", "10", "-o", tmp_path / "t.sft", ok=False)
     assert (tmp_path / "t.sft").read_bytes() == before
+
+
+def test_graft_and_extract_read_each_input_tensor_at_most_three_times(zoo, tmp_path, monkeypatch):
+    """Two statistics passes and one writing pass: counted at the reader, per (file, tensor)."""
+    from collections import Counter
+
+    from surgery.io.mapped import MappedFiles
+    from surgery.recipes.graft import graft
+
+    reads: Counter = Counter()
+    original = MappedFiles.view
+
+    def counting(self, info, prefetch=True):
+        reads[(info.file, info.name)] += 1
+        return original(self, info, prefetch)
+
+    monkeypatch.setattr(MappedFiles, "view", counting)
+    base, ft = zoo["llama-bf16/base"], zoo["llama-bf16/ft1"]
+    extract(base, ft, tmp_path / "t.sft", density=0.05, device="cpu")
+    assert reads and max(reads.values()) <= 3, reads.most_common(3)
+    reads.clear()
+    graft(base, ft, tmp_path / "g", sparsity=0.05, mask_out=tmp_path / "m.safetensors", device="cpu")
+    assert reads and max(reads.values()) <= 3, reads.most_common(3)

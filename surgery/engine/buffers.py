@@ -32,6 +32,8 @@ class BufferPool:
 
     def give(self, array: np.ndarray) -> None:
         """Return a buffer obtained from ``take`` (or a view of all of it); the caller must not use it again."""
+        if not isinstance(array, np.ndarray):
+            return  # a torch result (mixed plans): freed by torch
         base = array
         while isinstance(base.base, np.ndarray):
             base = base.base

@@ -64,7 +64,10 @@ def choose_backend(plan: Plan, ckpts: Sequence[Checkpoint], device) -> str:
         return "numpy"
     if forced == "torch" or not on_cpu:
         return "torch"
-    return "numpy" if numpy_compute.usable(plan.tensors, ckpts) else "torch"
+    if numpy_compute.usable(plan.tensors, ckpts):
+        return "numpy"
+    # per tensor: numpy where it can, torch (zero-copy over the same maps) for the rest
+    return "mixed" if numpy_compute.mappable(plan.tensors, ckpts) else "torch"
 
 
 def tune_malloc(mmap_threshold: int = 4 << 20) -> None:
@@ -99,14 +102,25 @@ class _Backend:
 
 
 def _backend(plan: Plan, ckpts: Sequence[Checkpoint], device, read_ahead_bytes: int, tap=None) -> _Backend:
-    if choose_backend(plan, ckpts, device) == "numpy":
+    backend = choose_backend(plan, ckpts, device)
+    if backend in ("numpy", "mixed"):
         pool = BufferPool(limit=read_ahead_bytes)  # output buffers, recycled once written
         files = MappedFiles()
+        on_numpy = {t.spec.name for t in plan.tensors if backend == "numpy" or numpy_compute.usable([t], ckpts)}
 
         def compute_numpy(out, loaded):
             infos = {r: ckpts[r.input].resolve(r.name) for r in loaded}
-            result = numpy_compute.compute(out.expr, loaded, {r: i.dtype for r, i in infos.items()},
-                                           out.spec.shape, out.spec.dtype, pool)
+            if out.spec.name in on_numpy:
+                result = numpy_compute.compute(out.expr, loaded, {r: i.dtype for r, i in infos.items()},
+                                               out.spec.shape, out.spec.dtype, pool)
+            else:
+                from . import torch_compute
+
+                loaded = torch_compute.as_tensors(loaded, infos)
+                result = torch_compute.compute(out.expr, loaded, out.spec.shape, out.spec.dtype,
+                                               torch_compute.resolve_device("cpu"))
+                if any(result.data_ptr() == t.data_ptr() for t in loaded.values()):
+                    result = result.clone()  # a plain copy: its input's pages are released below
             if tap is not None:
                 tap(out.spec.name, loaded)
             for info in infos.values():
@@ -139,7 +153,8 @@ def execute(plan: Plan, folder: Path, *, checkpoints: Sequence[Checkpoint] | Non
 
     Each shard depends only on the plan and the inputs, so shards can run in separate processes.
     ``tap(name, {ref: input array})``, if given, sees each output tensor's inputs right after it is
-    computed, in writing order, on the calling thread (a side output such as a mask file).
+    computed, in writing order, on the calling thread (a side output such as a mask file), as the
+    arrays it was computed from (torch tensors for operations that need torch).
     """
     ckpts = list(checkpoints) if checkpoints is not None else \
         [open_checkpoint(p, allow_pickle=plan.allow_pickle) for p in plan.inputs]

@@ -60,6 +60,44 @@ def usable(outputs: Sequence[OutputTensor], ckpts: Sequence[Checkpoint]) -> bool
     return True
 
 
+def mappable(outputs: Sequence[OutputTensor], ckpts: Sequence[Checkpoint]) -> bool:
+    """Whether every input the outputs read can be viewed as numpy arrays (safetensors, known dtypes)."""
+    return all(ckpts[r.input].resolve(r.name).begin >= 0 and ckpts[r.input].resolve(r.name).dtype in STORAGE
+               for out in outputs for r in refs(out.expr))
+
+
+def expr_usable(expr, ckpts: Sequence[Checkpoint]) -> bool:
+    """Whether a statistics expression runs here: a bare reference (any dtype), or elementwise
+    numpy-capable arithmetic on same-sized float inputs."""
+    leaves = [ckpts[r.input].resolve(r.name) for r in refs(expr)]
+    if any(info.begin < 0 or info.dtype not in STORAGE for info in leaves):
+        return False
+    if isinstance(expr, Ref):
+        return True
+    sizes = {math.prod(info.shape) for info in leaves}
+    return numpy_capable(expr) and elementwise(expr) and len(sizes) == 1 and \
+        all(info.dtype in FLOAT_CODES for info in leaves)
+
+
+def blocks(exprs, loaded: Mapping[Ref, np.ndarray], codes: Mapping[Ref, str], numel: int):
+    """``(start, [flat values of each expression])`` block by block, in order, on this thread (for
+    statistics passes). A bare reference yields its stored values."""
+    compiled = [(e if isinstance(e, Ref) else None, compile_expr(e)) for e in exprs]
+    with np.errstate(all="ignore"):
+        for start in range(0, max(numel, 1), BLOCK_ELEMENTS):
+            stop = start + BLOCK_ELEMENTS
+            part = None
+            values = []
+            for ref, fn in compiled:
+                if ref is not None:
+                    values.append(loaded[ref][start:stop])
+                    continue
+                if part is None:
+                    part = {r: _leaf(a[start:stop], codes[r]) for r, a in loaded.items()}
+                values.append(fn(part).reshape(-1))
+            yield start, values
+
+
 def reader(files: MappedFiles):
     """``read(checkpoint, name, want_digest) -> (flat read-only array in its storage dtype, sha256 hex
     or None)``: a view into the mapped shard, its pages faulted in on the calling (read-ahead) thread."""

@@ -9,27 +9,43 @@ from __future__ import annotations
 import contextlib
 from typing import Callable, Sequence
 
-import torch
-
 from ..io.checkpoint import Checkpoint
 from ..ops.common import compute_dtype
-from .torch_compute import blocks, reader, resolve_device
 from .plan import Expr, refs
 from .stream import stream_inputs
 
 
 def reduce_pass(ckpts: Sequence[Checkpoint], items: Sequence[tuple[str, Sequence[Expr]]],
-                fn: Callable[[str, int, int, list[torch.Tensor]], None], device="auto", precision: str = "F64",
-                digests: dict | None = None, hash_inputs: Sequence[int] = ()) -> None:
+                fn: Callable[[str, int, int, list], None], device="auto", precision: str = "F64",
+                digests: dict | None = None, hash_inputs: Sequence[int] = (), allow_numpy: bool = False) -> None:
     """For each ``(name, exprs)``, call ``fn(name, start, numel, [flat values of each expr])`` on
     successive pieces of the tensor (cache-sized blocks where the expressions are elementwise),
     streaming each input once.
 
     ``precision`` must be the writing pass's compute dtype, so statistics see the very values the
-    output is made of. ``digests``/``hash_inputs``: content hashes taken on the way, as in ``execute``."""
-    dev = resolve_device(device)
+    output is made of. ``digests``/``hash_inputs``: content hashes taken on the way, as in ``execute``.
+    With ``allow_numpy`` (``fn`` takes numpy arrays as well as torch tensors), numpy-capable
+    expressions on the CPU stream through the torch-free path."""
     jobs = [(name, list(dict.fromkeys(r for e in exprs for r in refs(e)))) for name, exprs in items]
     by_name = dict(items)
+    if allow_numpy and _numpy_usable(ckpts, items, device):
+        from . import numpy_compute
+        from ..io.mapped import MappedFiles
+
+        files = MappedFiles()
+        with compute_dtype(precision), contextlib.closing(stream_inputs(
+                ckpts, jobs, numpy_compute.reader(files), digests=digests, hash_inputs=hash_inputs)) as stream:
+            for name, loaded, _ in stream:
+                infos = {r: ckpts[r.input].resolve(r.name) for r in loaded}
+                numel = next(iter(loaded.values())).size
+                for start, values in numpy_compute.blocks(by_name[name], loaded, {r: i.dtype for r, i in infos.items()}, numel):
+                    fn(name, start, numel, values)
+                for info in infos.values():
+                    files.release(info)
+        return
+    from .torch_compute import blocks, reader, resolve_device
+
+    dev = resolve_device(device)
     read = reader(dev)
     with compute_dtype(precision), contextlib.closing(
             stream_inputs(ckpts, jobs, read, digests=digests, hash_inputs=hash_inputs)) as stream:
@@ -38,6 +54,18 @@ def reduce_pass(ckpts: Sequence[Checkpoint], items: Sequence[tuple[str, Sequence
             for start, values in blocks(by_name[name], loaded, numel, dev):
                 fn(name, start, numel, values)
             read.release([ckpts[r.input].resolve(r.name) for r in loaded])
+
+
+def _numpy_usable(ckpts, items, device) -> bool:
+    """Statistics over numpy-capable expressions of float inputs run torch-free on the CPU."""
+    import os
+
+    from .executor import BACKEND_ENV, gpu_possible
+    from . import numpy_compute
+
+    forced = os.environ.get(BACKEND_ENV, "").strip().lower()
+    on_cpu = str(device).startswith("cpu") or (str(device) == "auto" and not gpu_possible())
+    return forced != "torch" and on_cpu and all(numpy_compute.expr_usable(e, ckpts) for _, exprs in items for e in exprs)
 
 
 def global_topk_thresholds(ckpts: Sequence[Checkpoint], items: Sequence[tuple[str, Sequence[Expr]]],
@@ -55,6 +83,8 @@ def tensor_topk_thresholds(ckpts: Sequence[Checkpoint], items: Sequence[tuple[st
     ``k = keep_count(numel, density)``: per-tensor top-k as one streamed pass, so the writing pass
     can trim with an elementwise threshold. One float32 magnitude buffer per task is held while its
     tensor streams through."""
+    import torch
+
     from ..ops.ties import topk_threshold
 
     buffers: dict[int, torch.Tensor] = {}
@@ -75,6 +105,8 @@ def tensor_topk_thresholds(ckpts: Sequence[Checkpoint], items: Sequence[tuple[st
 
 def l1_norms(ckpts: Sequence[Checkpoint], items: Sequence[tuple[str, Sequence[Expr]]], device="auto") -> list[float]:
     """For each of the expressions per tensor, the L1 norm over all tensors (float64 accumulation)."""
+    import torch
+
     totals: list[float] = []
 
     def add(_name, _start, _numel, values):

@@ -37,7 +37,9 @@ class TopK:
 
 
 def magnitude_bits(t):
-    """float32 magnitudes of a torch tensor as int32 bit patterns, flat."""
+    """float32 magnitudes of a tensor (torch or numpy) as int32 bit patterns, flat."""
+    if isinstance(t, np.ndarray):
+        return np.abs(t).astype(np.float32).reshape(-1).view(np.int32)
     import torch
 
     return t.detach().abs().to(torch.float32).reshape(-1).view(torch.int32)
@@ -67,11 +69,15 @@ class _PerTensorHistogram:
         self._current = np.zeros(_BUCKETS, dtype=np.int64)
 
     def add(self, name: str, start: int, done: bool, keys) -> None:
-        import torch
 
         if start == 0:
             self._current[:] = 0
-        self._current += torch.bincount(keys.cpu(), minlength=_BUCKETS).numpy()
+        if isinstance(keys, np.ndarray):
+            self._current += np.bincount(keys, minlength=_BUCKETS)
+        else:
+            import torch
+
+            self._current += torch.bincount(keys.cpu(), minlength=_BUCKETS).numpy()
         if done:
             nz = np.flatnonzero(self._current)
             self.sparse[name] = (nz.astype(np.int32), self._current[nz].copy())
@@ -100,7 +106,7 @@ def global_topk(ckpts: Sequence[Checkpoint], items: Sequence[tuple[str, Sequence
 
     def count_high(name, start, numel, values):
         for t, v in enumerate(values):
-            high[t].add(name, start, start + v.numel() == numel, magnitude_bits(v) >> 16)
+            high[t].add(name, start, start + _size(v) == numel, magnitude_bits(v) >> 16)
 
     covered = {(r.input, r.name) for _, exprs in items for e in exprs for r in refs(e)}
     hash_only = [(f"\0hash:{i}:{n}", [Ref(i, n)]) for i in hash_inputs for n in ckpts[i].tensors
@@ -111,16 +117,17 @@ def global_topk(ckpts: Sequence[Checkpoint], items: Sequence[tuple[str, Sequence
         if name in selecting:
             count_high(name, start, numel, values)
 
-    reduce_pass(ckpts, list(items) + hash_only, count_high_or_hash, device, precision, digests, hash_inputs)
+    reduce_pass(ckpts, list(items) + hash_only, count_high_or_hash, device, precision, digests, hash_inputs,
+                allow_numpy=True)
     located = [_locate(high[t].total, keep[t]) if keep[t] else (0, 0) for t in range(n_tasks)]
     low = [_PerTensorHistogram() for _ in range(n_tasks)]
 
     def count_low(name, start, numel, values):
         for t, v in enumerate(values):
             bits = magnitude_bits(v)
-            low[t].add(name, start, start + v.numel() == numel, bits[(bits >> 16) == located[t][0]] & 0xFFFF)
+            low[t].add(name, start, start + _size(v) == numel, bits[(bits >> 16) == located[t][0]] & 0xFFFF)
 
-    reduce_pass(ckpts, items, count_low, device, precision)
+    reduce_pass(ckpts, items, count_low, device, precision, allow_numpy=True)
     out = []
     for t in range(n_tasks):
         if keep[t] == 0:
@@ -143,6 +150,10 @@ def global_topk(ckpts: Sequence[Checkpoint], items: Sequence[tuple[str, Sequence
             kept[name] = above[name] + quota[name]
         out.append(TopK(keep[t], pattern, quota, kept))
     return out
+
+
+def _size(v) -> int:
+    return v.size if isinstance(v, np.ndarray) else v.numel()
 
 
 def _numel(ckpts: Sequence[Checkpoint], expr: Expr) -> int:

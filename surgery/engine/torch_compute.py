@@ -68,6 +68,19 @@ class Reader:
                     self.files.release(info)
 
 
+def as_tensors(loaded: dict, infos: dict) -> dict:
+    """Numpy inputs (flat, in their storage dtype, as the numpy path reads them) as torch tensors of
+    their real dtype and shape, without copying."""
+    out = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # read-only maps: operations never write inputs
+        for r, a in loaded.items():
+            info = infos[r]
+            flat = torch.from_numpy(a.reshape(-1).view("uint8")) if a.size else torch.empty(0, dtype=torch.uint8)
+            out[r] = flat.view(TORCH_DTYPES[info.dtype]).reshape(info.shape)
+    return out
+
+
 def reader(device: torch.device) -> Reader:
     return Reader(device)
 
