@@ -23,8 +23,8 @@ from ..io.checkpoint import Checkpoint
 from ..io.mapped import MappedFiles
 from .buffers import BufferPool
 from ..ops.common import compute as to_compute
-from .evaluate import compile_expr, elementwise, numpy_capable
-from .plan import OutputTensor, Ref, refs
+from .evaluate import compile_expr, elementwise, evaluate, numpy_capable
+from .plan import Call, OutputTensor, Ref, refs
 
 BLOCK_ELEMENTS = 1 << 17  # 1 MB of float64: far fewer numpy calls per element than cache-sized blocks, still within L2
 FLOAT_CODES = ("F64", "F32", "F16", "BF16")
@@ -52,11 +52,13 @@ def usable(outputs: Sequence[OutputTensor], ckpts: Sequence[Checkpoint]) -> bool
                 return False
             continue
         numel = math.prod(out.spec.shape)
-        # arithmetic only on floats (integer promotion rules differ between numpy and torch), and
-        # only elementwise, same-sized inputs (no broadcasting)
-        if out.spec.dtype not in FLOAT_CODES or not elementwise(expr) or \
-                any(info.dtype not in FLOAT_CODES or math.prod(info.shape) != numel for info in leaves):
+        # arithmetic only on floats (integer promotion rules differ between numpy and torch);
+        # elementwise trees only on same-sized inputs (no broadcasting)
+        if any(info.dtype not in FLOAT_CODES for info in leaves):
             return False
+        if elementwise(expr):
+            if out.spec.dtype not in FLOAT_CODES or any(math.prod(info.shape) != numel for info in leaves):
+                return False
     return True
 
 
@@ -159,7 +161,16 @@ def compute(expr, loaded: Mapping[Ref, np.ndarray], codes: Mapping[Ref, str], sh
     storage = np.dtype(STORAGE[dtype_code])
     out = (pool.take(numel * storage.itemsize) if pool is not None else np.empty(numel * storage.itemsize, np.uint8)
            ).view(storage)
-    if not elementwise(expr):  # a bare reference or a copy (``usable`` allows nothing else)
+    if isinstance(expr, Call) and expr.op != "copy" and not elementwise(expr):
+        # a whole-tensor operation (sparse selections): bf16 inputs widened to float32 (exact, half
+        # the size of float64); the operation works piece by piece in the compute dtype
+        with np.errstate(all="ignore"):
+            leaves = {r: widen(a, codes[r]) for r, a in loaded.items()}
+            for leaf in leaves.values():
+                leaf.flags.writeable = False
+            store(np.asarray(evaluate(expr, leaves)).reshape(-1), dtype_code, out)
+        return out
+    if not elementwise(expr):  # a bare reference or a copy
         src = refs(expr)[0]
         if codes[src] == dtype_code:
             np.copyto(out, loaded[src])  # the same bytes, out of the map (whose pages are released next)

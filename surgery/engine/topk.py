@@ -17,6 +17,7 @@ from typing import Sequence
 import numpy as np
 
 from ..io.checkpoint import Checkpoint
+from ..ops.common import magnitude_bits
 from .plan import Expr, Ref, refs
 
 _BUCKETS = 1 << 16
@@ -28,36 +29,13 @@ class TopK:
     threshold_bits: int | None  # float32 pattern of the keep-th largest magnitude; None selects nothing
     quota: dict[str, int] = field(default_factory=dict)  # per tensor: entries equal to the threshold it keeps
     kept: dict[str, int] = field(default_factory=dict)  # per tensor: entries selected
+    ties: dict[str, int] = field(default_factory=dict)  # per tensor: entries equal to the threshold
 
     @property
     def threshold(self) -> float:
         if self.threshold_bits is None:
             return float("inf")
         return struct.unpack("<f", struct.pack("<I", self.threshold_bits))[0]
-
-
-def magnitude_bits(t):
-    """float32 magnitudes of a tensor (torch or numpy) as int32 bit patterns, flat."""
-    if isinstance(t, np.ndarray):
-        return np.abs(t).astype(np.float32).reshape(-1).view(np.int32)
-    import torch
-
-    return t.detach().abs().to(torch.float32).reshape(-1).view(torch.int32)
-
-
-def select(values, topk: TopK, name: str):
-    """The flat bool mask of ``values`` (one tensor) that ``topk`` selects."""
-    import torch
-
-    bits = magnitude_bits(values)
-    if topk.threshold_bits is None:
-        return torch.zeros(bits.numel(), dtype=torch.bool, device=bits.device)
-    mask = bits > topk.threshold_bits
-    quota = topk.quota.get(name, 0)
-    if quota:
-        ties = (bits == topk.threshold_bits).nonzero().reshape(-1)[:quota]
-        mask[ties] = True
-    return mask
 
 
 class _PerTensorHistogram:
@@ -131,7 +109,7 @@ def global_topk(ckpts: Sequence[Checkpoint], items: Sequence[tuple[str, Sequence
     out = []
     for t in range(n_tasks):
         if keep[t] == 0:
-            out.append(TopK(0, None, {n: 0 for n, _ in items}, {n: 0 for n, _ in items}))
+            out.append(TopK(0, None, {n: 0 for n, _ in items}, {n: 0 for n, _ in items}, {n: 0 for n, _ in items}))
             continue
         bucket, rank = located[t]
         low_bits, _ = _locate(low[t].total, rank)
@@ -148,7 +126,7 @@ def global_topk(ckpts: Sequence[Checkpoint], items: Sequence[tuple[str, Sequence
             quota[name] = min(equal[name], need)
             need -= quota[name]
             kept[name] = above[name] + quota[name]
-        out.append(TopK(keep[t], pattern, quota, kept))
+        out.append(TopK(keep[t], pattern, quota, kept, equal))
     return out
 
 

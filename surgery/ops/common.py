@@ -73,6 +73,28 @@ def left_to_right_sum(terms: list):
     return out
 
 
+def where(mask, a, b):
+    return np.where(mask, a, b) if isinstance(mask, np.ndarray) else torch.where(mask, a, b)
+
+
+def flat_nonzero(x):
+    return np.flatnonzero(x) if isinstance(x, np.ndarray) else x.reshape(-1).nonzero().reshape(-1)
+
+
+def cat(parts: list, like):
+    """Concatenate flat pieces (an empty result takes ``like``'s array type and dtype)."""
+    if isinstance(like, np.ndarray):
+        return np.concatenate(parts) if parts else np.zeros(0, dtype=like.dtype)
+    return torch.cat(parts) if parts else torch.zeros(0, dtype=like.dtype, device=like.device)
+
+
+def magnitude_bits(t):
+    """float32 magnitudes as int32 bit patterns (which order as the magnitudes do), flat."""
+    if isinstance(t, np.ndarray):
+        return np.abs(t).astype(np.float32).reshape(-1).view(np.int32)
+    return t.detach().abs().to(torch.float32).reshape(-1).view(torch.int32)
+
+
 def current_compute_dtype() -> str:
     return _COMPUTE_DTYPE.get()
 

@@ -5,7 +5,7 @@ per tensor, how many entries exactly at the threshold it keeps (the first ones i
 """
 from __future__ import annotations
 
-from .common import compute, torch
+from .common import cat, compute, flat_nonzero, magnitude_bits, torch, where
 from .registry import operation
 
 
@@ -14,16 +14,16 @@ OP_BLOCK = 1 << 18  # entries per step inside an operation: temporaries stay sma
 
 def _mask(delta, threshold_bits: int | None, quota: int):
     """``(flat bool mask, ties used)``: magnitudes above the threshold, plus the first ``quota``
-    entries equal to it."""
-    bits = delta.detach().abs().to(torch.float32).reshape(-1).view(torch.int32)
+    entries equal to it. Written for torch tensors and numpy arrays alike."""
+    bits = magnitude_bits(delta)
     if threshold_bits is None:
-        return torch.zeros(bits.numel(), dtype=torch.bool, device=bits.device), 0
+        return bits < 0, 0  # nothing: magnitudes have no sign bit
     mask = bits > threshold_bits
     if not quota:
         return mask, 0
-    ties = (bits == threshold_bits).nonzero().reshape(-1)[:quota]
+    ties = flat_nonzero(bits == threshold_bits)[:quota]
     mask[ties] = True
-    return mask, ties.numel()
+    return mask, len(ties)
 
 
 def selected(delta, threshold_bits: int | None, quota: int):
@@ -36,37 +36,48 @@ def selection(tensors, threshold_bits: int | None, quota: int):
     ``(base, ft)`` pair, ``OP_BLOCK`` entries at a time, ties counted across pieces in order."""
     base, ft = (t.reshape(-1) for t in tensors)
     remaining = quota
-    for start in range(0, base.numel(), OP_BLOCK):
+    for start in range(0, len(base), OP_BLOCK):
         b, f = base[start:start + OP_BLOCK], ft[start:start + OP_BLOCK]
         d = compute(f) - compute(b)
         mask, used = _mask(d, threshold_bits, remaining)
         remaining -= used
-        yield start, start + b.numel(), b, f, d, mask
+        yield start, start + len(b), b, f, d, mask
 
 
-@operation("graft")
+@operation("graft_threshold", elementwise=True, numpy=True)
+def graft_threshold(tensors: list, *, threshold_bits: int | None, ties: bool = False):
+    """The graft of a tensor that keeps none or all of its entries at the threshold (every tensor
+    but at most one): elementwise, so it runs block by block on either path."""
+    base, ft = tensors
+    bits = magnitude_bits(compute(ft) - compute(base)).reshape(base.shape)
+    if threshold_bits is None:
+        mask = bits < 0  # nothing (magnitudes have no sign bit)
+    else:
+        mask = (bits >= threshold_bits) if ties else (bits > threshold_bits)
+    return where(mask, ft, base)
+
+
+@operation("graft", numpy=True)
 def graft(tensors: list, *, threshold_bits: int | None, quota: int = 0):
     """theta = base + gamma * (ft - base) for a 0/1 mask gamma: the fine-tuned entry where selected,
     the base entry elsewhere (taken as they are, so sparsity 0 is the base and 1 the fine-tune, bit for bit)."""
-    base, ft = tensors
-    out = torch.empty(base.numel(), dtype=torch.promote_types(base.dtype, ft.dtype), device=base.device)
-    for start, stop, b, f, _, mask in selection(tensors, threshold_bits, quota):
-        out[start:stop] = torch.where(mask, f, b)
-    return out.reshape(base.shape)
+    base = tensors[0]
+    parts = [where(mask, f, b) for _, _, b, f, _, mask in selection(tensors, threshold_bits, quota)]
+    return cat(parts, base).reshape(base.shape)
 
 
-@operation("sparse_indices")
+@operation("sparse_indices", numpy=True)
 def sparse_indices(tensors: list, *, threshold_bits: int | None, quota: int = 0):
     """Flat (row-major) indices of the selected entries of ft - base, ascending."""
-    parts = [mask.nonzero().reshape(-1) + start for start, _, _, _, _, mask in selection(tensors, threshold_bits, quota)]
-    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.int64)
+    parts = [flat_nonzero(mask) + start for start, _, _, _, _, mask in selection(tensors, threshold_bits, quota)]
+    return cat(parts, flat_nonzero(tensors[0].reshape(-1)[:0]))
 
 
-@operation("sparse_values")
+@operation("sparse_values", numpy=True)
 def sparse_values(tensors: list, *, threshold_bits: int | None, quota: int = 0):
     """ft - base at the selected entries, in index order (in the compute dtype; the plan casts)."""
     parts = [d[mask] for _, _, _, _, d, mask in selection(tensors, threshold_bits, quota)]
-    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64)
+    return cat(parts, compute(tensors[0].reshape(-1)[:0]))
 
 
 @operation("scatter_add")

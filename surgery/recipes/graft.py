@@ -53,19 +53,27 @@ def graft(base, ft, output, *, sparsity: float | None = None, k: int | None = No
                         task=task, epochs=epochs, lr=lr, sigmoid_bias=sigmoid_bias, batch_size=batch_size,
                         seed=seed, dtype=dtype, device=device, max_shard_size=max_shard_size, force=force,
                         progress=progress)
-    plan = Plan([c.source for c in ckpts], _tensors(b, f, parse_dtype(dtype), {
-        n: Call.of("graft", [Ref(0, n), Ref(1, n)], threshold_bits=topk.threshold_bits, quota=topk.quota[n])
-        for n in names}), max_shard_size, recipe=recipe, compute_dtype="F64")
+    plan = Plan([c.source for c in ckpts], _tensors(b, f, parse_dtype(dtype), {n: _graft_expr(n, topk) for n in names}),
+                max_shard_size, recipe=recipe, compute_dtype="F64")
     if mask_out is None:
         return run_plan(plan, output, ckpts, force=force, config_from=1, tokenizer_from=f.root,
                         tags=("graft",), device=device, progress=progress)
     with OutputFile(mask_out, [c.root for c in ckpts], force) as tmp_mask:
         writer = _mask_writer(tmp_mask, plan, topk, names, recipe)
-        tap = _mask_tap(writer, set(names), topk)
+        tap = _mask_tap(writer, set(names), topk, ckpts)
         out = run_plan(plan, output, ckpts, force=force, config_from=1, tokenizer_from=f.root,
                        tags=("graft",), device=device, progress=progress, tap=tap)
         writer.close()
     return out
+
+
+def _graft_expr(name: str, topk: TopK):
+    """Elementwise where the tensor keeps none or all of its ties (all tensors but at most one)."""
+    pair = [Ref(0, name), Ref(1, name)]
+    quota, ties = topk.quota[name], topk.ties.get(name, 0)
+    if quota == 0 or quota == ties:
+        return Call.of("graft_threshold", pair, threshold_bits=topk.threshold_bits, ties=bool(quota))
+    return Call.of("graft", pair, threshold_bits=topk.threshold_bits, quota=quota)
 
 
 def _tensors(b, f, out_dtype: str | None, grafted: dict) -> list[OutputTensor]:
@@ -160,7 +168,7 @@ def _mask_writer(path: Path, plan: Plan, topk: TopK, names: Sequence[str], recip
     return ShardWriter(path.parent, shard)
 
 
-def _mask_tap(writer: ShardWriter, chosen: set[str], topk: TopK):
+def _mask_tap(writer: ShardWriter, chosen: set[str], topk: TopK, ckpts):
     import numpy as np
 
     from ..ops.sparse import selection
@@ -169,9 +177,13 @@ def _mask_tap(writer: ShardWriter, chosen: set[str], topk: TopK):
         if name not in chosen:
             return
         pair = [loaded[Ref(0, name)], loaded[Ref(1, name)]]
-        mask = np.empty(pair[0].numel(), dtype=bool)
+        if isinstance(pair[0], np.ndarray):  # the numpy path hands over stored bits: bf16 as uint16
+            from ..engine.numpy_compute import widen
+
+            pair = [widen(a, ckpts[i].resolve(name).dtype) for i, a in enumerate(pair)]
+        mask = np.empty(math.prod(pair[0].shape), dtype=bool)
         for start, stop, *_, piece in selection(pair, topk.threshold_bits, topk.quota[name]):
-            mask[start:stop] = piece.cpu().numpy()
+            mask[start:stop] = piece if isinstance(piece, np.ndarray) else piece.cpu().numpy()
         writer.write(name, masks.encode(mask, masks.encoding_for(mask.size, topk.kept[name])))
 
     return tap
