@@ -129,48 +129,36 @@ def sft_extract(
     typer.echo(f"wrote {out}")
 
 
-def _apply(model: str, sfts: List[str], output: Path, revert: bool, allow_pickle: bool, config_from: Optional[str],
-           device: str, max_shard_size: str, force: bool, quiet: bool) -> None:
-    if not sfts:
-        fail("give at least one --sft")
-    with reported_errors(), tensor_progress("sft revert" if revert else "sft apply", quiet) as progress:
-        from surgery.recipes.sft import apply
-
-        out = apply(model, sfts, output, revert=revert, allow_pickle=allow_pickle, config_from=config_from,
-                    device=device, max_shard_size=max_shard_size, force=force, progress=progress)
-    typer.echo(f"wrote {out}")
-
-
 SFTS = typer.Option(..., "--sft", help="An SFT file (or composable-sft pytorch_diff.bin with --allow-pickle); repeatable.")
 
 
-@sft_app.command("apply")
-def sft_apply(
-    model: str = typer.Argument(..., help="The model to add the SFTs to."),
-    sfts: List[str] = SFTS,
-    output: Path = OUTPUT,
-    allow_pickle: bool = ALLOW_PICKLE,
-    config_from: Optional[str] = typer.Option(None, help=CONFIG_HELP.replace("the first input", "the model")),
-    device: str = DEVICE,
-    max_shard_size: str = SHARD,
-    force: bool = FORCE,
-    quiet: bool = QUIET,
-) -> None:
-    """MODEL + SFT_1 + SFT_2 + ... in one streamed pass."""
-    _apply(model, sfts, output, False, allow_pickle, config_from, device, max_shard_size, force, quiet)
+def _sft_command(revert: bool):
+    """``sft apply`` and ``sft revert``: one signature, the sign differs."""
+
+    def command(
+        model: str = typer.Argument(..., help="The model to " + ("subtract the SFTs from." if revert else "add the SFTs to.")),
+        sfts: List[str] = SFTS,
+        output: Path = OUTPUT,
+        allow_pickle: bool = ALLOW_PICKLE,
+        config_from: Optional[str] = typer.Option(None, help=CONFIG_HELP.replace("the first input", "the model")),
+        device: str = DEVICE,
+        max_shard_size: str = SHARD,
+        force: bool = FORCE,
+        quiet: bool = QUIET,
+    ) -> None:
+        if not sfts:
+            fail("give at least one --sft")
+        with reported_errors(), tensor_progress("sft revert" if revert else "sft apply", quiet) as progress:
+            from surgery.recipes.sft import apply
+
+            out = apply(model, sfts, output, revert=revert, allow_pickle=allow_pickle, config_from=config_from,
+                        device=device, max_shard_size=max_shard_size, force=force, progress=progress)
+        typer.echo(f"wrote {out}")
+
+    command.__doc__ = ("MODEL - SFT_1 - SFT_2 - ...: undo an apply." if revert else
+                       "MODEL + SFT_1 + SFT_2 + ... in one streamed pass.")
+    return command
 
 
-@sft_app.command("revert")
-def sft_revert(
-    model: str = typer.Argument(..., help="The model to subtract the SFTs from."),
-    sfts: List[str] = SFTS,
-    output: Path = OUTPUT,
-    allow_pickle: bool = ALLOW_PICKLE,
-    config_from: Optional[str] = typer.Option(None, help=CONFIG_HELP.replace("the first input", "the model")),
-    device: str = DEVICE,
-    max_shard_size: str = SHARD,
-    force: bool = FORCE,
-    quiet: bool = QUIET,
-) -> None:
-    """MODEL - SFT_1 - SFT_2 - ...: undo an apply."""
-    _apply(model, sfts, output, True, allow_pickle, config_from, device, max_shard_size, force, quiet)
+sft_app.command("apply")(_sft_command(False))
+sft_app.command("revert")(_sft_command(True))
