@@ -18,6 +18,14 @@ def _human(n: float) -> str:
     return str(n)
 
 
+def _print_columns(headers: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:
+    """Left-aligned columns as plain text: a rich table of a few hundred rows takes longer to lay
+    out than reading every header of a large checkpoint."""
+    widths = [max(len(str(r[i])) for r in [headers, *rows]) for i in range(len(headers))]
+    lines = ["  ".join(str(v).ljust(w) for v, w in zip(r, widths)).rstrip() for r in [headers, *rows]]
+    typer.echo("\n".join(lines))
+
+
 def inspect(
     checkpoints: List[str] = typer.Argument(..., help="One checkpoint, or several to compare with the first."),
     tensors: bool = typer.Option(True, "--tensors/--summary", help="List every tensor, or only the summary."),
@@ -35,38 +43,32 @@ def inspect(
     if as_json:
         typer.echo(json.dumps(asdict(report), indent=1, default=list))
         return
-    from rich.console import Console
-    from rich.table import Table
-
-    console = Console()
     for s in report.checkpoints:
         dtypes = ", ".join(f"{d} {n:,}" for d, n in s.dtypes.items())
-        console.print(f"[bold]{s.source}[/]: {s.tensors} tensors, {s.parameters:,} parameters, {_human(s.bytes)} ({dtypes})")
+        typer.echo(f"{typer.style(s.source, bold=True)}: {s.tensors} tensors, {s.parameters:,} parameters, {_human(s.bytes)} ({dtypes})")
         for sh in s.shards:
-            console.print(f"  {sh.file}: {sh.tensors} tensors, {_human(sh.bytes)}")
+            typer.echo(f"  {sh.file}: {sh.tensors} tensors, {_human(sh.bytes)}")
         for head, emb in s.tied.items():
             if head == "lm_head.weight" or emb:
-                console.print(f"  tied: {head} -> {emb}")
+                typer.echo(f"  tied: {head} -> {emb}")
                 break
     if tensors and report.comparison is None:
-        table = Table("tensor", "dtype", "shape", "parameters", box=None)
+        rows = []
         for name, dtype, shape in report.tensors:
             n = 1
             for d in shape:
                 n *= d
-            table.add_row(name, dtype, str(list(shape)), f"{n:,}")
-        console.print(table)
+            rows.append((name, dtype, str(list(shape)), f"{n:,}"))
+        _print_columns(("tensor", "dtype", "shape", "parameters"), rows)
     c = report.comparison
     if c is None:
         return
     for name, have in c.only_in.items():
-        console.print(f"[yellow]only in some[/]: {name} (in {', '.join(have)})")
+        typer.echo(f"{typer.style('only in some', fg='yellow')}: {name} (in {', '.join(have)})")
     for name, shapes in c.shape_differs.items():
-        console.print(f"[red]shape differs[/]: {name}: " + " vs ".join(str(list(s)) for s in shapes))
+        typer.echo(f"{typer.style('shape differs', fg='red')}: {name}: " + " vs ".join(str(list(s)) for s in shapes))
     if c.relative_l2:
-        table = Table("tensor", *[f"rel. L2 vs #0: #{k}" for k in range(1, len(report.checkpoints))], box=None)
-        for name, row in c.relative_l2.items():
-            table.add_row(name, *[f"{x:.4g}" for x in row])
-        console.print(table)
+        _print_columns(("tensor", *[f"rel. L2 vs #0: #{k}" for k in range(1, len(report.checkpoints))]),
+                       [(name, *[f"{x:.4g}" for x in row]) for name, row in c.relative_l2.items()])
     if not (c.only_in or c.shape_differs):
-        console.print("same tensor names and shapes in all checkpoints")
+        typer.echo("same tensor names and shapes in all checkpoints")
