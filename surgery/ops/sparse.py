@@ -26,11 +26,6 @@ def _mask(delta, threshold_bits: int | None, quota: int):
     return mask, len(ties)
 
 
-def selected(delta, threshold_bits: int | None, quota: int):
-    """The selection of one whole tensor's delta, as a flat bool mask."""
-    return _mask(delta, threshold_bits, quota)[0]
-
-
 def selection(tensors, threshold_bits: int | None, quota: int):
     """``(start, stop, base piece, ft piece, delta piece, mask piece)`` over the flattened
     ``(base, ft)`` pair, ``OP_BLOCK`` entries at a time, ties counted across pieces in order."""
