@@ -4,9 +4,9 @@ Reads run on a small thread pool ahead of compute, bounded by a byte budget; wri
 own thread behind it. At any moment memory holds the tensors in that window and nothing else, so
 peak memory depends on the largest tensors, not on the model or the shard size.
 
-Arithmetic runs on one of two paths with the same results: numpy on the CPU, for plans whose
-operations all run there (soups, task arithmetic, transfers: no torch import at all), and torch
-for everything else and for CUDA.
+Arithmetic gives the same results on either path: numpy on the CPU for every tensor whose
+operations run there (soups, task arithmetic, transfers, grafting: no torch import at all), torch
+for the other tensors of a plan (zero-copy over the same maps) and for CUDA.
 """
 from __future__ import annotations
 
@@ -51,11 +51,27 @@ def gpu_possible() -> bool:
     return bool(glob.glob("/dev/nvidia*") or os.path.exists("/dev/kfd") or os.path.exists("/dev/dxg"))
 
 
-def choose_backend(plan: Plan, ckpts: Sequence[Checkpoint], device) -> str:
+def _forced() -> str:
     forced = os.environ.get(BACKEND_ENV, "").strip().lower()
     if forced not in ("", "torch", "numpy"):
         raise SurgeryError(f"{BACKEND_ENV}={forced!r}: use torch or numpy")
-    on_cpu = str(device).startswith("cpu") or (str(device) == "auto" and not gpu_possible())
+    return forced
+
+
+def _on_cpu(device) -> bool:
+    return str(device).startswith("cpu") or (str(device) == "auto" and not gpu_possible())
+
+
+def numpy_allowed(device) -> bool:
+    """Whether work on ``device`` may take the numpy path at all (the CPU, torch not forced)."""
+    return _on_cpu(device) and _forced() != "torch"
+
+
+def choose_backend(plan: Plan, ckpts: Sequence[Checkpoint], device) -> str:
+    """``numpy`` (every tensor there), ``mixed`` (numpy where it can, torch for the rest, on the
+    CPU) or ``torch``."""
+    forced = _forced()
+    on_cpu = _on_cpu(device)
     if forced == "numpy":
         if not on_cpu:
             raise SurgeryError(f"{BACKEND_ENV}=numpy runs on the CPU only, not on device {device}")
@@ -101,6 +117,14 @@ class _Backend:
     mmap_threshold: int
 
 
+def _owned(result, loaded: dict):
+    """``result``, copied if it is one of the inputs (a plain copy): the inputs' pages are released
+    before the writer gets to it."""
+    if any(result.data_ptr() == t.data_ptr() for t in loaded.values()):
+        return result.clone()
+    return result
+
+
 def _backend(plan: Plan, ckpts: Sequence[Checkpoint], device, read_ahead_bytes: int, tap=None) -> _Backend:
     backend = choose_backend(plan, ckpts, device)
     if backend in ("numpy", "mixed"):
@@ -117,10 +141,8 @@ def _backend(plan: Plan, ckpts: Sequence[Checkpoint], device, read_ahead_bytes: 
                 from . import torch_compute
 
                 loaded = torch_compute.as_tensors(loaded, infos)
-                result = torch_compute.compute(out.expr, loaded, out.spec.shape, out.spec.dtype,
-                                               torch_compute.resolve_device("cpu"))
-                if any(result.data_ptr() == t.data_ptr() for t in loaded.values()):
-                    result = result.clone()  # a plain copy: its input's pages are released below
+                result = _owned(torch_compute.compute(out.expr, loaded, out.spec.shape, out.spec.dtype,
+                                                      torch_compute.resolve_device("cpu")), loaded)
             if tap is not None:
                 tap(out.spec.name, loaded)
             for info in infos.values():
@@ -134,11 +156,10 @@ def _backend(plan: Plan, ckpts: Sequence[Checkpoint], device, read_ahead_bytes: 
     read = torch_compute.reader(dev)
 
     def compute_torch(out, loaded):
-        result = torch_compute.compute(out.expr, loaded, out.spec.shape, out.spec.dtype, dev).cpu()
+        result = _owned(torch_compute.compute(out.expr, loaded, out.spec.shape, out.spec.dtype, dev).cpu(), loaded)
         if tap is not None:
             tap(out.spec.name, loaded)
-        if not any(result.data_ptr() == t.data_ptr() for t in loaded.values()):  # a copy goes to the writer as is
-            read.release([ckpts[r.input].resolve(r.name) for r in loaded])
+        read.release([ckpts[r.input].resolve(r.name) for r in loaded])
         return result
 
     return _Backend(read, compute_torch, lambda _tensor: None, 1 << 20)

@@ -1,8 +1,8 @@
-"""The torch-free CPU path of the executor, for plans made only of numpy-capable operations.
+"""The torch-free CPU path of the executor, for the tensors whose operations are numpy-capable.
 
 Soups, task arithmetic and transfers are a few multiply-adds per element: on a CPU their cost is
 moving bytes, and importing torch alone (2-3 s) can take longer than the arithmetic on a 300M model.
-This path reads into numpy buffers, widens bf16 by bit shifting, evaluates the same registered
+This path reads inputs as views into mapped shards, widens bf16 by bit shifting, evaluates the same registered
 operations block by block over one thread per core (numpy releases the GIL in its loops) and rounds
 to the output dtype exactly as torch does: float64 goes to float32 first (torch converts double
 through float), bf16 rounds to nearest even, a NaN becomes the canonical quiet NaN 0x7FC0.

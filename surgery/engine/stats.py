@@ -7,6 +7,7 @@ the read-ahead window plus small accumulators, so memory does not depend on mode
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import Callable, Sequence
 
 from ..io.checkpoint import Checkpoint
@@ -33,39 +34,41 @@ def reduce_pass(ckpts: Sequence[Checkpoint], items: Sequence[tuple[str, Sequence
         from ..io.mapped import MappedFiles
 
         files = MappedFiles()
-        with compute_dtype(precision), contextlib.closing(stream_inputs(
-                ckpts, jobs, numpy_compute.reader(files), digests=digests, hash_inputs=hash_inputs)) as stream:
-            for name, loaded, _ in stream:
-                infos = {r: ckpts[r.input].resolve(r.name) for r in loaded}
-                numel = next(iter(loaded.values())).size
-                for start, values in numpy_compute.blocks(by_name[name], loaded, {r: i.dtype for r, i in infos.items()}, numel):
-                    fn(name, start, numel, values)
-                for info in infos.values():
-                    files.release(info)
-        return
-    from .torch_compute import blocks, reader, resolve_device
+        read = numpy_compute.reader(files)
 
-    dev = resolve_device(device)
-    read = reader(dev)
+        def pieces(exprs, loaded, infos):
+            return numpy_compute.blocks(exprs, loaded, {r: i.dtype for r, i in infos.items()},
+                                        next(iter(loaded.values())).size)
+
+        def release(infos):
+            for info in infos:
+                files.release(info)
+    else:
+        from .torch_compute import blocks, reader, resolve_device
+
+        dev = resolve_device(device)
+        read = reader(dev)
+        release = read.release
+
+        def pieces(exprs, loaded, infos):
+            return blocks(exprs, loaded, next(iter(loaded.values())).numel(), dev)
+
     with compute_dtype(precision), contextlib.closing(
             stream_inputs(ckpts, jobs, read, digests=digests, hash_inputs=hash_inputs)) as stream:
         for name, loaded, _ in stream:
-            numel = next(iter(loaded.values())).numel()
-            for start, values in blocks(by_name[name], loaded, numel, dev):
+            infos = {r: ckpts[r.input].resolve(r.name) for r in loaded}
+            numel = math.prod(next(iter(infos.values())).shape)
+            for start, values in pieces(by_name[name], loaded, infos):
                 fn(name, start, numel, values)
-            read.release([ckpts[r.input].resolve(r.name) for r in loaded])
+            release(list(infos.values()))
 
 
 def _numpy_usable(ckpts, items, device) -> bool:
     """Statistics over numpy-capable expressions of float inputs run torch-free on the CPU."""
-    import os
-
-    from .executor import BACKEND_ENV, gpu_possible
     from . import numpy_compute
+    from .executor import numpy_allowed
 
-    forced = os.environ.get(BACKEND_ENV, "").strip().lower()
-    on_cpu = str(device).startswith("cpu") or (str(device) == "auto" and not gpu_possible())
-    return forced != "torch" and on_cpu and all(numpy_compute.expr_usable(e, ckpts) for _, exprs in items for e in exprs)
+    return numpy_allowed(device) and all(numpy_compute.expr_usable(e, ckpts) for _, exprs in items for e in exprs)
 
 
 def global_topk_thresholds(ckpts: Sequence[Checkpoint], items: Sequence[tuple[str, Sequence[Expr]]],
