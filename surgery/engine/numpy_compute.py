@@ -9,12 +9,9 @@ through float), bf16 rounds to nearest even, a NaN becomes the canonical quiet N
 """
 from __future__ import annotations
 
-import contextvars
 import hashlib
 import math
-import os
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -24,6 +21,7 @@ from ..io.mapped import MappedFiles
 from .buffers import BufferPool
 from ..ops.common import compute as to_compute
 from .evaluate import compile_expr, elementwise, evaluate, numpy_capable
+from .parallel import map_ranges
 from .plan import Call, OutputTensor, Ref, refs
 
 BLOCK_ELEMENTS = 1 << 17  # 1 MB of float64: far fewer numpy calls per element than cache-sized blocks, still within L2
@@ -81,13 +79,13 @@ def expr_usable(expr, ckpts: Sequence[Checkpoint]) -> bool:
         all(info.dtype in FLOAT_CODES for info in leaves)
 
 
-def blocks(exprs, loaded: Mapping[Ref, np.ndarray], codes: Mapping[Ref, str], numel: int):
-    """``(start, [flat values of each expression])`` block by block, in order, on this thread (for
-    statistics passes). A bare reference yields its stored values."""
+def blocks(exprs, loaded: Mapping[Ref, np.ndarray], codes: Mapping[Ref, str], lo: int, hi: int):
+    """``(start, [flat values of each expression])`` block by block over entries ``lo..hi``, in
+    order, on the calling thread (for statistics passes). A bare reference yields its stored values."""
     compiled = [(e if isinstance(e, Ref) else None, compile_expr(e)) for e in exprs]
     with np.errstate(all="ignore"):
-        for start in range(0, max(numel, 1), BLOCK_ELEMENTS):
-            stop = start + BLOCK_ELEMENTS
+        for start in range(lo, max(hi, lo + 1), BLOCK_ELEMENTS):
+            stop = min(start + BLOCK_ELEMENTS, hi)
             part = None
             values = []
             for ref, fn in compiled:
@@ -149,14 +147,9 @@ def store(value: np.ndarray, code: str, out: np.ndarray) -> None:
         out[np.isnan(value)] = _BF16_NAN
 
 
-_THREADS = max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
-_pool: ThreadPoolExecutor | None = None
-
-
 def compute(expr, loaded: Mapping[Ref, np.ndarray], codes: Mapping[Ref, str], shape: tuple[int, ...],
             dtype_code: str, pool: BufferPool | None = None) -> np.ndarray:
     """The output tensor, flat, in its storage dtype, in a buffer from ``pool``."""
-    global _pool
     numel = math.prod(shape)
     storage = np.dtype(STORAGE[dtype_code])
     out = (pool.take(numel * storage.itemsize) if pool is not None else np.empty(numel * storage.itemsize, np.uint8)
@@ -183,26 +176,11 @@ def compute(expr, loaded: Mapping[Ref, np.ndarray], codes: Mapping[Ref, str], sh
 
     def run(lo: int, hi: int) -> None:
         with np.errstate(all="ignore"):  # inf and NaN propagate silently, as in torch
-            _run_blocks(lo, hi)
+            for start in range(lo, hi, BLOCK_ELEMENTS):
+                stop = min(start + BLOCK_ELEMENTS, hi)
+                # each leaf converted to the compute dtype once per block, however often the tree uses it
+                value = evaluate_block({r: _leaf(a[start:stop], codes[r]) for r, a in loaded.items()})
+                store(value, dtype_code, out[start:stop])
 
-    def _run_blocks(lo: int, hi: int) -> None:
-        for start in range(lo, hi, BLOCK_ELEMENTS):
-            stop = min(start + BLOCK_ELEMENTS, hi)
-            # each leaf converted to the compute dtype once per block, however often the tree uses it
-            value = evaluate_block({r: _leaf(a[start:stop], codes[r]) for r, a in loaded.items()})
-            store(value, dtype_code, out[start:stop])
-
-    n_blocks = -(-numel // BLOCK_ELEMENTS)
-    workers = min(_THREADS, n_blocks)
-    if workers <= 1:
-        run(0, numel)
-        return out
-    per = -(-n_blocks // workers) * BLOCK_ELEMENTS
-    if _pool is None:
-        _pool = ThreadPoolExecutor(max_workers=_THREADS, thread_name_prefix="surgery-compute")
-    # contextvars (the compute dtype) do not cross into pool threads by themselves
-    futures = [_pool.submit(contextvars.copy_context().run, run, lo, min(lo + per, numel))
-               for lo in range(0, numel, per)]
-    for f in futures:
-        f.result()
+    map_ranges(run, numel, BLOCK_ELEMENTS)
     return out

@@ -8,24 +8,31 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Callable, Sequence
+import threading
+from typing import Callable, Iterator, Sequence
 
 from ..io.checkpoint import Checkpoint
 from ..ops.common import compute_dtype
+from .parallel import map_ranges
 from .plan import Expr, refs
 from .stream import stream_inputs
 
 
 def reduce_pass(ckpts: Sequence[Checkpoint], items: Sequence[tuple[str, Sequence[Expr]]],
-                fn: Callable[[str, int, int, list], None], device="auto", precision: str = "F64",
+                part: Callable[[str, int, Iterator[tuple[int, list]]], object],
+                done: Callable[[str, int, list], None], device="auto", precision: str = "F64",
                 digests: dict | None = None, hash_inputs: Sequence[int] = (), allow_numpy: bool = False) -> None:
-    """For each ``(name, exprs)``, call ``fn(name, start, numel, [flat values of each expr])`` on
-    successive pieces of the tensor (cache-sized blocks where the expressions are elementwise),
-    streaming each input once.
+    """Stream the inputs once; per ``(name, exprs)``, reduce the expressions' flat values.
+
+    ``part(name, numel, pieces)`` reduces one contiguous range of a tensor, given as ``(start,
+    [flat values of each expr])`` pieces in order, to a partial result; ranges of the same tensor
+    run on several threads at once (one per core) where the expressions are elementwise.
+    ``done(name, numel, partials)`` then runs on the calling thread, once per tensor, with the
+    partials in range order.
 
     ``precision`` must be the writing pass's compute dtype, so statistics see the very values the
     output is made of. ``digests``/``hash_inputs``: content hashes taken on the way, as in ``execute``.
-    With ``allow_numpy`` (``fn`` takes numpy arrays as well as torch tensors), numpy-capable
+    With ``allow_numpy`` (``part`` takes numpy arrays as well as torch tensors), numpy-capable
     expressions on the CPU stream through the torch-free path."""
     jobs = [(name, list(dict.fromkeys(r for e in exprs for r in refs(e)))) for name, exprs in items]
     by_name = dict(items)
@@ -35,31 +42,36 @@ def reduce_pass(ckpts: Sequence[Checkpoint], items: Sequence[tuple[str, Sequence
 
         files = MappedFiles()
         read = numpy_compute.reader(files)
+        block = numpy_compute.BLOCK_ELEMENTS
 
-        def pieces(exprs, loaded, infos):
-            return numpy_compute.blocks(exprs, loaded, {r: i.dtype for r, i in infos.items()},
-                                        next(iter(loaded.values())).size)
+        def partials(name, exprs, loaded, infos, numel):
+            codes = {r: i.dtype for r, i in infos.items()}
+            return map_ranges(lambda lo, hi: part(name, numel, numpy_compute.blocks(exprs, loaded, codes, lo, hi)),
+                              numel, block)
 
         def release(infos):
             for info in infos:
                 files.release(info)
     else:
-        from .torch_compute import blocks, reader, resolve_device
+        from .torch_compute import BLOCK_ELEMENTS, blockable, blocks, reader, resolve_device, single_threaded
 
         dev = resolve_device(device)
         read = reader(dev)
         release = read.release
 
-        def pieces(exprs, loaded, infos):
-            return blocks(exprs, loaded, next(iter(loaded.values())).numel(), dev)
+        def partials(name, exprs, loaded, infos, numel):
+            if not blockable(exprs, loaded, numel, dev):
+                return [part(name, numel, blocks(exprs, loaded, numel, dev))]
+            with single_threaded():
+                return map_ranges(lambda lo, hi: part(name, numel, blocks(exprs, loaded, numel, dev, lo, hi)),
+                                  numel, BLOCK_ELEMENTS)
 
     with compute_dtype(precision), contextlib.closing(
             stream_inputs(ckpts, jobs, read, digests=digests, hash_inputs=hash_inputs)) as stream:
         for name, loaded, _ in stream:
             infos = {r: ckpts[r.input].resolve(r.name) for r in loaded}
             numel = math.prod(next(iter(infos.values())).shape)
-            for start, values in pieces(by_name[name], loaded, infos):
-                fn(name, start, numel, values)
+            done(name, numel, partials(name, by_name[name], loaded, infos, numel))
             release(list(infos.values()))
 
 
@@ -90,19 +102,22 @@ def tensor_topk_thresholds(ckpts: Sequence[Checkpoint], items: Sequence[tuple[st
 
     from ..ops.ties import topk_threshold
 
-    buffers: dict[int, torch.Tensor] = {}
     out: dict[str, list[float]] = {}
+    buffers: dict[str, list] = {}
+    lock = threading.Lock()
 
-    def collect(name, start, numel, values):
-        for t, v in enumerate(values):
-            if start == 0:
-                buffers[t] = torch.empty(numel, dtype=torch.float32)
-            buffers[t][start:start + v.numel()] = v.abs()
-        if start + values[0].numel() == numel:
-            out[name] = [topk_threshold(buffers[t], density) for t in range(len(values))]
-            buffers.clear()
+    def part(name, numel, pieces):
+        for start, values in pieces:  # the ranges of a tensor fill disjoint slices of its buffers
+            with lock:
+                if name not in buffers:
+                    buffers[name] = [torch.empty(numel, dtype=torch.float32) for _ in values]
+            for buffer, v in zip(buffers[name], values):
+                buffer[start:start + v.numel()] = v.abs()
 
-    reduce_pass(ckpts, items, collect, device)
+    def done(name, _numel, _partials):
+        out[name] = [topk_threshold(b, density) for b in buffers.pop(name)]
+
+    reduce_pass(ckpts, items, part, done, device)
     return out
 
 
@@ -110,13 +125,24 @@ def l1_norms(ckpts: Sequence[Checkpoint], items: Sequence[tuple[str, Sequence[Ex
     """For each of the expressions per tensor, the L1 norm over all tensors (float64 accumulation)."""
     import torch
 
+
+    def part(_name, _numel, pieces):
+        sums = None
+        for _, values in pieces:
+            terms = [float(v.abs().sum(dtype=torch.float64)) for v in values]
+            sums = terms if sums is None else [a + b for a, b in zip(sums, terms)]
+        return sums
+
     totals: list[float] = []
 
-    def add(_name, _start, _numel, values):
-        if not totals:
-            totals.extend([0.0] * len(values))
-        for i, v in enumerate(values):
-            totals[i] += float(v.abs().sum(dtype=torch.float64))
+    def done(_name, _numel, partials):
+        for sums in partials:
+            if sums is None:
+                continue
+            if not totals:
+                totals.extend([0.0] * len(sums))
+            for i, v in enumerate(sums):
+                totals[i] += v
 
-    reduce_pass(ckpts, items, add, device)
+    reduce_pass(ckpts, items, part, done, device)
     return totals

@@ -7,11 +7,9 @@ would give, without whole-tensor temporaries.
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import hashlib
 import math
 import warnings
-from concurrent.futures import ThreadPoolExecutor
 from typing import Iterator, Sequence
 
 import torch
@@ -21,6 +19,7 @@ from ..io.checkpoint import Checkpoint
 from ..io.mapped import MappedFiles
 from ..io.read import TORCH_DTYPES
 from .evaluate import elementwise, evaluate
+from .parallel import map_ranges
 from .plan import Expr, Ref
 
 BLOCK_ELEMENTS = 1 << 16  # 256 KB of float32: a block's temporaries stay in L2 cache
@@ -85,37 +84,34 @@ def reader(device: torch.device) -> Reader:
     return Reader(device)
 
 
-def _blockable(exprs: Sequence[Expr], loaded: dict[Ref, torch.Tensor], numel: int, device: torch.device) -> bool:
+def blockable(exprs: Sequence[Expr], loaded: dict[Ref, torch.Tensor], numel: int, device: torch.device) -> bool:
     return device.type == "cpu" and numel > BLOCK_ELEMENTS and all(elementwise(e) for e in exprs) and \
         all(t.numel() == numel for t in loaded.values())
 
 
-def blocks(exprs: Sequence[Expr], loaded: dict[Ref, torch.Tensor], numel: int, device: torch.device
-           ) -> Iterator[tuple[int, list[torch.Tensor]]]:
-    """Evaluate ``exprs`` (same-sized results) as ``(start, [flat values])`` pieces, in order:
-    cache-sized blocks on one thread where that is possible, else the whole tensor as one piece."""
-    if _blockable(exprs, loaded, numel, device):
+def blocks(exprs: Sequence[Expr], loaded: dict[Ref, torch.Tensor], numel: int, device: torch.device,
+           lo: int = 0, hi: int | None = None) -> Iterator[tuple[int, list[torch.Tensor]]]:
+    """Evaluate ``exprs`` (same-sized results) as ``(start, [flat values])`` pieces over entries
+    ``lo..hi``, in order: cache-sized blocks on the calling thread where :func:`blockable`, else
+    the whole tensor as one piece (then ``lo..hi`` must be all of it)."""
+    hi = numel if hi is None else hi
+    if blockable(exprs, loaded, numel, device):
         flat = {r: t.reshape(-1) for r, t in loaded.items()}
         with single_threaded():
-            for start in range(0, numel, BLOCK_ELEMENTS):
-                stop = start + BLOCK_ELEMENTS
+            for start in range(lo, hi, BLOCK_ELEMENTS):
+                stop = min(start + BLOCK_ELEMENTS, hi)
                 part = {r: t[start:stop] for r, t in flat.items()}
                 yield start, [evaluate(e, part).reshape(-1) for e in exprs]
     else:
         yield 0, [evaluate(e, loaded).reshape(-1) for e in exprs]
 
 
-_COMPUTE_THREADS = max(1, torch.get_num_threads())
-_compute_pool: ThreadPoolExecutor | None = None
-
-
 def compute(expr: Expr, loaded: dict[Ref, torch.Tensor], shape: tuple[int, ...], dtype_code: str,
             device: torch.device) -> torch.Tensor:
     """The output tensor in its final dtype (on the device; the writer moves it to the host)."""
-    global _compute_pool
     dtype = TORCH_DTYPES[dtype_code]
     numel = math.prod(shape)
-    if not _blockable([expr], loaded, numel, device):
+    if not blockable([expr], loaded, numel, device):
         return evaluate(expr, loaded).to(dtype).reshape(shape)
     out = torch.empty(numel, dtype=dtype)
     flat = {r: t.reshape(-1) for r, t in loaded.items()}
@@ -125,17 +121,8 @@ def compute(expr: Expr, loaded: dict[Ref, torch.Tensor], shape: tuple[int, ...],
             stop = min(start + BLOCK_ELEMENTS, hi)
             out[start:stop] = evaluate(expr, {r: t[start:stop] for r, t in flat.items()})
 
-    n_blocks = -(-numel // BLOCK_ELEMENTS)
-    workers = min(_COMPUTE_THREADS, n_blocks)
-    per = -(-n_blocks // workers) * BLOCK_ELEMENTS
-    if _compute_pool is None:
-        _compute_pool = ThreadPoolExecutor(max_workers=_COMPUTE_THREADS, thread_name_prefix="surgery-compute")
     with single_threaded():
-        # contextvars (the compute dtype) do not cross into pool threads by themselves
-        futures = [_compute_pool.submit(contextvars.copy_context().run, run, lo, min(lo + per, numel))
-                   for lo in range(0, numel, per)]
-        for f in futures:
-            f.result()
+        map_ranges(run, numel, BLOCK_ELEMENTS)
     return out.reshape(shape)
 
 

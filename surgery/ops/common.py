@@ -91,7 +91,7 @@ def cat(parts: list, like):
 def magnitude_bits(t):
     """float32 magnitudes as int32 bit patterns (which order as the magnitudes do), flat."""
     if isinstance(t, np.ndarray):
-        return np.abs(t).astype(np.float32).reshape(-1).view(np.int32)
+        return np.abs(t).astype(np.float32, copy=False).reshape(-1).view(np.int32)
     return t.detach().abs().to(torch.float32).reshape(-1).view(torch.int32)
 
 

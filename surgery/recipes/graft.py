@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Sequence
 
 from ..engine.plan import Call, OutputTensor, Plan, Ref
-from ..engine.topk import TopK, global_topk
+from ..engine.topk import TopK, global_topk, narrow_difference
 from ..errors import PlanError
 from ..io.checkpoint import open_checkpoints
 from ..io.output import OutputFile
@@ -53,8 +53,11 @@ def graft(base, ft, output, *, sparsity: float | None = None, k: int | None = No
                         task=task, epochs=epochs, lr=lr, sigmoid_bias=sigmoid_bias, batch_size=batch_size,
                         seed=seed, dtype=dtype, device=device, max_shard_size=max_shard_size, force=force,
                         progress=progress)
+    # a graft only picks stored entries; its arithmetic is the selection, which float32 decides
+    # exactly for narrow inputs (see engine.topk.narrow_difference)
+    precision = "F32" if all(narrow_difference(e, ckpts) for _, (e,) in items) else "F64"
     plan = Plan([c.source for c in ckpts], _tensors(b, f, parse_dtype(dtype), {n: _graft_expr(n, topk) for n in names}),
-                max_shard_size, recipe=recipe, compute_dtype="F64")
+                max_shard_size, recipe=recipe, compute_dtype=precision)
     if mask_out is None:
         return run_plan(plan, output, ckpts, force=force, config_from=1, tokenizer_from=f.root,
                         tags=("graft",), device=device, progress=progress)

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Sequence
 
 from ..engine.plan import Call, OutputTensor, Plan, Ref
-from ..engine.topk import global_topk
+from ..engine.topk import global_topk, narrow_difference
 from ..errors import PlanError
 from ..io import composable_sft
 from ..io.checkpoint import open_checkpoint, open_checkpoints
@@ -67,7 +67,11 @@ def extract(base, ft, output, *, density: float | None = None, k: int | None = N
               "selected_entries": total, "threshold": topk.threshold, "include": list(include),
               "exclude": list(exclude), "dense": list(dense)}
     meta = metadata(info, base=b.source, base_sha256=content_hash(digests, 0), recipe=recipe, total=total)
-    plan = Plan([c.source for c in ckpts], tensors, ONE_FILE, recipe=recipe, compute_dtype="F64", metadata=meta)
+    # float32 values of narrow inputs' differences are exact roundings (see engine.topk.narrow_difference)
+    narrow = all(narrow_difference(e, ckpts) and VALUE_DTYPE[b.resolve(n).dtype] == "F32" for n, (e,) in items) \
+        and all(VALUE_DTYPE.get(b.resolve(n).dtype) == "F32" for n in dense_names)
+    plan = Plan([c.source for c in ckpts], tensors, ONE_FILE, recipe=recipe, compute_dtype="F32" if narrow else "F64",
+                metadata=meta)
     return write_single_file(plan, output, ckpts, force=force, device=device, progress=progress)
 
 
