@@ -7,12 +7,21 @@ from ..ops.registry import get_operation
 from .plan import Call, Expr, Ref
 
 
-def evaluate(expr: Expr, loaded: Mapping[Ref, object]):
+def evaluate(expr: Expr, loaded: Mapping[Ref, object], memo: dict | None = None):
+    """The tree's value. ``memo`` (sub-expression -> value) holds values computed before from the
+    same leaves: a sub-expression found there is not computed again, and new ones are added."""
     if isinstance(expr, Ref):
         return loaded[expr]
     assert isinstance(expr, Call)
-    args = [evaluate(a, loaded) for a in expr.args]
-    return get_operation(expr.op).fn(args, **expr.kwargs)
+    if memo is not None and expr in memo:
+        return memo[expr]
+    args = [evaluate(a, loaded, memo) for a in expr.args]
+    value = get_operation(expr.op).fn(args, **expr.kwargs)
+    if memo is not None:
+        if hasattr(value, "flags"):
+            value.flags.writeable = False  # shared from now on: no operation may update it in place
+        memo[expr] = value
+    return value
 
 
 def compile_expr(expr: Expr) -> Callable[[Mapping[Ref, object]], object]:

@@ -86,7 +86,11 @@ def choose_backend(plan: Plan, ckpts: Sequence[Checkpoint], device) -> str:
     return "mixed" if numpy_compute.mappable(plan.tensors, ckpts) else "torch"
 
 
-def tune_malloc(mmap_threshold: int = 4 << 20) -> None:
+NUMPY_MMAP_THRESHOLD = 4 << 20
+TORCH_MMAP_THRESHOLD = 1 << 20
+
+
+def tune_malloc(mmap_threshold: int = NUMPY_MMAP_THRESHOLD) -> None:
     """Make glibc return tensor-sized buffers to the OS, and keep block-sized ones.
 
     glibc raises its mmap threshold to the size of the largest buffer freed so far (up to 32 MB),
@@ -131,12 +135,13 @@ def _backend(plan: Plan, ckpts: Sequence[Checkpoint], device, read_ahead_bytes: 
         pool = BufferPool(limit=read_ahead_bytes)  # output buffers, recycled once written
         files = MappedFiles()
         on_numpy = {t.spec.name for t in plan.tensors if backend == "numpy" or numpy_compute.usable([t], ckpts)}
+        reuse = numpy_compute.Reuse(pool)
 
         def compute_numpy(out, loaded):
             infos = {r: ckpts[r.input].resolve(r.name) for r in loaded}
             if out.spec.name in on_numpy:
                 result = numpy_compute.compute(out.expr, loaded, {r: i.dtype for r, i in infos.items()},
-                                               out.spec.shape, out.spec.dtype, pool)
+                                               out.spec.shape, out.spec.dtype, pool, reuse)
             else:
                 from . import torch_compute
 
@@ -149,7 +154,7 @@ def _backend(plan: Plan, ckpts: Sequence[Checkpoint], device, read_ahead_bytes: 
                 files.release(info)
             return result
 
-        return _Backend(numpy_compute.reader(files), compute_numpy, pool.give, 4 << 20)
+        return _Backend(numpy_compute.reader(files), compute_numpy, pool.give, NUMPY_MMAP_THRESHOLD)
     from . import torch_compute
 
     dev = torch_compute.resolve_device(device)
@@ -162,7 +167,7 @@ def _backend(plan: Plan, ckpts: Sequence[Checkpoint], device, read_ahead_bytes: 
         read.release([ckpts[r.input].resolve(r.name) for r in loaded])
         return result
 
-    return _Backend(read, compute_torch, lambda _tensor: None, 1 << 20)
+    return _Backend(read, compute_torch, lambda _tensor: None, TORCH_MMAP_THRESHOLD)
 
 
 def execute(plan: Plan, folder: Path, *, checkpoints: Sequence[Checkpoint] | None = None,

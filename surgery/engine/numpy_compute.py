@@ -111,10 +111,11 @@ def reader(files: MappedFiles):
     return read
 
 
-def widen(raw: np.ndarray, code: str) -> np.ndarray:
-    """A leaf as a numpy float array the operations can take: bf16 bits shifted into float32 (exact)."""
+def widen(raw: np.ndarray, code: str, out: np.ndarray | None = None) -> np.ndarray:
+    """A leaf as a numpy float array the operations can take: bf16 bits shifted into float32 (exact),
+    into ``out`` (uint32, as many entries) if given."""
     if code == "BF16":
-        return np.left_shift(raw, 16, dtype=np.uint32).view(np.float32)
+        return np.left_shift(raw, 16, dtype=np.uint32, out=out).view(np.float32)
     return raw
 
 
@@ -147,21 +148,66 @@ def store(value: np.ndarray, code: str, out: np.ndarray) -> None:
         out[np.isnan(value)] = _BF16_NAN
 
 
+class Reuse:
+    """What whole-tensor operations computed from the current input arrays, kept for the next output
+    tensor: consecutive outputs over the same inputs (an SFT's indices, then its values, which
+    gather at those indices) widen the inputs and evaluate shared sub-expressions once."""
+
+    def __init__(self, pool: BufferPool | None):
+        self.pool = pool
+        self.key: tuple = ()
+        self.memo: dict = {}
+        self.held: list = []  # the input arrays of ``key``: alive, so their ids stay theirs
+        self.taken: list = []  # pooled buffers behind the widened leaves
+
+    def memo_for(self, loaded: Mapping[Ref, np.ndarray]) -> dict:
+        key = tuple((r, id(a)) for r, a in loaded.items())
+        if key != self.key:
+            self.clear()
+            self.key, self.held = key, list(loaded.values())
+        return self.memo
+
+    def widened(self, raw: np.ndarray, code: str) -> np.ndarray:
+        if code == "BF16" and self.pool is not None:
+            self.taken.append(self.pool.take(raw.size * 4))
+            leaf = widen(raw, code, self.taken[-1].view(np.uint32))
+        else:
+            leaf = widen(raw, code)
+        leaf.flags.writeable = False
+        return leaf
+
+    def clear(self) -> None:
+        self.memo.clear()
+        self.key, self.held = (), []
+        for buffer in self.taken:
+            self.pool.give(buffer)
+        self.taken = []
+
+
 def compute(expr, loaded: Mapping[Ref, np.ndarray], codes: Mapping[Ref, str], shape: tuple[int, ...],
-            dtype_code: str, pool: BufferPool | None = None) -> np.ndarray:
-    """The output tensor, flat, in its storage dtype, in a buffer from ``pool``."""
+            dtype_code: str, pool: BufferPool | None = None, reuse: Reuse | None = None) -> np.ndarray:
+    """The output tensor, flat, in its storage dtype, in a buffer from ``pool``. ``reuse`` carries
+    whole-tensor results over to the next call (see :class:`Reuse`)."""
     numel = math.prod(shape)
+    if reuse is not None:
+        reuse.memo_for(loaded)  # other inputs than last time: let last time's results go
     storage = np.dtype(STORAGE[dtype_code])
     out = (pool.take(numel * storage.itemsize) if pool is not None else np.empty(numel * storage.itemsize, np.uint8)
            ).view(storage)
     if isinstance(expr, Call) and expr.op != "copy" and not elementwise(expr):
         # a whole-tensor operation (sparse selections): bf16 inputs widened to float32 (exact, half
         # the size of float64); the operation works piece by piece in the compute dtype
+        # (widened into pooled buffers: a fresh tensor-sized buffer per input costs its page faults)
+        own = reuse is None
+        reuse = reuse if reuse is not None else Reuse(pool)
+        memo = reuse.memo_for(loaded)
         with np.errstate(all="ignore"):
-            leaves = {r: widen(a, codes[r]) for r, a in loaded.items()}
-            for leaf in leaves.values():
-                leaf.flags.writeable = False
-            store(np.asarray(evaluate(expr, leaves)).reshape(-1), dtype_code, out)
+            for r, a in loaded.items():
+                if r not in memo:
+                    memo[r] = reuse.widened(a, codes[r])
+            store(np.asarray(evaluate(expr, {r: memo[r] for r in loaded}, memo)).reshape(-1), dtype_code, out)
+        if own:
+            reuse.clear()
         return out
     if not elementwise(expr):  # a bare reference or a copy
         src = refs(expr)[0]

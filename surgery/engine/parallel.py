@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import contextvars
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, TypeVar
 
 THREADS = max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
 T = TypeVar("T")
 _pool: ThreadPoolExecutor | None = None
+_PREFIX = "surgery-compute"
 
 
 def ranges(numel: int, block: int, workers: int = THREADS) -> list[tuple[int, int]]:
@@ -27,12 +29,14 @@ def ranges(numel: int, block: int, workers: int = THREADS) -> list[tuple[int, in
 
 def map_ranges(fn: Callable[[int, int], T], numel: int, block: int, workers: int = THREADS) -> list[T]:
     """``[fn(lo, hi) for each range]``, the ranges run on pool threads when there are several.
-    contextvars (the compute dtype) are carried into the threads."""
+    contextvars (the compute dtype) are carried into the threads. Called from a pool thread (an
+    operation inside a block), it runs the ranges there, in turn: waiting on the pool from inside it
+    could leave no thread to do the work."""
     global _pool
     parts = ranges(numel, block, workers)
-    if len(parts) == 1:
-        return [fn(*parts[0])]
+    if len(parts) == 1 or threading.current_thread().name.startswith(_PREFIX):
+        return [fn(lo, hi) for lo, hi in parts]
     if _pool is None:
-        _pool = ThreadPoolExecutor(max_workers=THREADS, thread_name_prefix="surgery-compute")
+        _pool = ThreadPoolExecutor(max_workers=THREADS, thread_name_prefix=_PREFIX)
     futures = [_pool.submit(contextvars.copy_context().run, fn, lo, hi) for lo, hi in parts]
     return [f.result() for f in futures]

@@ -34,12 +34,15 @@ def reduce_pass(ckpts: Sequence[Checkpoint], items: Sequence[tuple[str, Sequence
     output is made of. ``digests``/``hash_inputs``: content hashes taken on the way, as in ``execute``.
     With ``allow_numpy`` (``part`` takes numpy arrays as well as torch tensors), numpy-capable
     expressions on the CPU stream through the torch-free path."""
+    from .executor import NUMPY_MMAP_THRESHOLD, TORCH_MMAP_THRESHOLD, tune_malloc
+
     jobs = [(name, list(dict.fromkeys(r for e in exprs for r in refs(e)))) for name, exprs in items]
     by_name = dict(items)
     if allow_numpy and _numpy_usable(ckpts, items, device):
         from . import numpy_compute
         from ..io.mapped import MappedFiles
 
+        tune_malloc(NUMPY_MMAP_THRESHOLD)  # as the writing pass does, for the same reasons
         files = MappedFiles()
         read = numpy_compute.reader(files)
         block = numpy_compute.BLOCK_ELEMENTS
@@ -58,6 +61,7 @@ def reduce_pass(ckpts: Sequence[Checkpoint], items: Sequence[tuple[str, Sequence
         dev = resolve_device(device)
         read = reader(dev)
         release = read.release
+        tune_malloc(TORCH_MMAP_THRESHOLD)
 
         def partials(name, exprs, loaded, infos, numel):
             if not blockable(exprs, loaded, numel, dev):

@@ -88,6 +88,17 @@ def cat(parts: list, like):
     return torch.cat(parts) if parts else torch.zeros(0, dtype=like.dtype, device=like.device)
 
 
+def map_ranges(fn, numel: int, block: int, like) -> list:
+    """``fn(lo, hi)`` over contiguous block-aligned ranges of ``0..numel``, results in order: on
+    numpy arrays one range per core on the engine's threads (numpy's loops release the GIL); torch
+    spreads its own kernels over the cores, so there it is one range."""
+    if isinstance(like, np.ndarray):
+        from ..engine.parallel import map_ranges as spread
+
+        return spread(fn, numel, block)
+    return [fn(0, numel)]
+
+
 def magnitude_bits(t):
     """float32 magnitudes as int32 bit patterns (which order as the magnitudes do), flat."""
     if isinstance(t, np.ndarray):

@@ -5,19 +5,20 @@ per tensor, how many entries exactly at the threshold it keeps (the first ones i
 """
 from __future__ import annotations
 
-from .common import cat, compute, flat_nonzero, magnitude_bits, torch, where
+from .common import cat, compute, flat_nonzero, magnitude_bits, map_ranges, torch, where
 from .registry import operation
 
 
 OP_BLOCK = 1 << 18  # entries per step inside an operation: temporaries stay small and reused
 
 
-def _mask(delta, threshold_bits: int | None, quota: int):
+def _mask(bits, threshold_bits: int | None, quota: int | None):
     """``(flat bool mask, ties used)``: magnitudes above the threshold, plus the first ``quota``
-    entries equal to it. Written for torch tensors and numpy arrays alike."""
-    bits = magnitude_bits(delta)
+    entries equal to it (every one for ``None``). Written for torch tensors and numpy arrays alike."""
     if threshold_bits is None:
         return bits < 0, 0  # nothing: magnitudes have no sign bit
+    if quota is None:
+        return bits >= threshold_bits, 0
     mask = bits > threshold_bits
     if not quota:
         return mask, 0
@@ -26,17 +27,36 @@ def _mask(delta, threshold_bits: int | None, quota: int):
     return mask, len(ties)
 
 
-def selection(tensors, threshold_bits: int | None, quota: int):
-    """``(start, stop, base piece, ft piece, delta piece, mask piece)`` over the flattened
-    ``(base, ft)`` pair, ``OP_BLOCK`` entries at a time, ties counted across pieces in order."""
+def selected(tensors, threshold_bits: int | None, quota: int | None, fn) -> list:
+    """``[fn(start, stop, base piece, ft piece, delta piece, mask piece)]`` over the flattened
+    ``(base, ft)`` pair, ``OP_BLOCK`` entries at a time, in order. ``quota``: how many entries at
+    the threshold to keep, the first ones (``None``: all). When no quota couples the pieces (none or
+    all ties kept), numpy pieces are shared out over the cores."""
     base, ft = (t.reshape(-1) for t in tensors)
-    remaining = quota
-    for start in range(0, len(base), OP_BLOCK):
+
+    def piece(start: int, ties_left: int | None):
         b, f = base[start:start + OP_BLOCK], ft[start:start + OP_BLOCK]
         d = compute(f) - compute(b)
-        mask, used = _mask(d, threshold_bits, remaining)
+        mask, used = _mask(magnitude_bits(d), threshold_bits, ties_left)
+        return used, fn(start, start + len(b), b, f, d, mask)
+
+    if not quota:  # 0 or None: each piece on its own
+        def run(lo: int, hi: int) -> list:
+            return [piece(start, quota)[1] for start in range(lo, hi, OP_BLOCK)]
+
+        return [part for parts in map_ranges(run, len(base), OP_BLOCK, base) for part in parts]
+    parts, remaining = [], quota
+    for start in range(0, len(base), OP_BLOCK):
+        used, part = piece(start, remaining)
         remaining -= used
-        yield start, start + len(b), b, f, d, mask
+        parts.append(part)
+    return parts
+
+
+def tie_quota(kept_ties: int, ties: int) -> int | None:
+    """The ``quota`` parameter for a tensor keeping ``kept_ties`` of its ``ties`` entries at the
+    threshold: ``None`` when it keeps them all (then its pieces are independent)."""
+    return None if ties and kept_ties == ties else kept_ties
 
 
 @operation("graft_threshold", elementwise=True, numpy=True)
@@ -53,26 +73,28 @@ def graft_threshold(tensors: list, *, threshold_bits: int | None, ties: bool = F
 
 
 @operation("graft", numpy=True)
-def graft(tensors: list, *, threshold_bits: int | None, quota: int = 0):
+def graft(tensors: list, *, threshold_bits: int | None, quota: int | None = 0):
     """theta = base + gamma * (ft - base) for a 0/1 mask gamma: the fine-tuned entry where selected,
     the base entry elsewhere (taken as they are, so sparsity 0 is the base and 1 the fine-tune, bit for bit)."""
     base = tensors[0]
-    parts = [where(mask, f, b) for _, _, b, f, _, mask in selection(tensors, threshold_bits, quota)]
+    parts = selected(tensors, threshold_bits, quota, lambda _s, _e, b, f, _d, mask: where(mask, f, b))
     return cat(parts, base).reshape(base.shape)
 
 
 @operation("sparse_indices", numpy=True)
-def sparse_indices(tensors: list, *, threshold_bits: int | None, quota: int = 0):
+def sparse_indices(tensors: list, *, threshold_bits: int | None, quota: int | None = 0):
     """Flat (row-major) indices of the selected entries of ft - base, ascending."""
-    parts = [flat_nonzero(mask) + start for start, _, _, _, _, mask in selection(tensors, threshold_bits, quota)]
+    parts = selected(tensors, threshold_bits, quota, lambda start, _e, _b, _f, _d, mask: flat_nonzero(mask) + start)
     return cat(parts, flat_nonzero(tensors[0].reshape(-1)[:0]))
 
 
 @operation("sparse_values", numpy=True)
-def sparse_values(tensors: list, *, threshold_bits: int | None, quota: int = 0):
-    """ft - base at the selected entries, in index order (in the compute dtype; the plan casts)."""
-    parts = [d[mask] for _, _, _, _, d, mask in selection(tensors, threshold_bits, quota)]
-    return cat(parts, compute(tensors[0].reshape(-1)[:0]))
+def sparse_values(tensors: list):
+    """ft - base at the given flat indices (``tensors = [base, ft, indices]``), in the compute dtype
+    (the plan casts). The indices are ``sparse_indices`` of the same pair: the executor computes
+    them once for both outputs, and the values are then a gather of one entry in a hundred."""
+    base, ft, idx = tensors
+    return compute(ft.reshape(-1)[idx]) - compute(base.reshape(-1)[idx])
 
 
 @operation("scatter_add")

@@ -119,14 +119,15 @@ def _learned(ckpts, names, topk: TopK, output, recipe: dict, *, mask_out, data, 
     import torch
 
     from ..learned_graft import learn_mask, read_jsonl
-    from ..ops.sparse import selection
+    from ..ops.sparse import selected, tie_quota
 
     if data is None:
         raise PlanError("learned grafting needs --data (JSONL with text, and label for classification)")
     b, f = ckpts
     basepatch = {}
     for n in names:  # the weight-only top-k mask, as bool tensors
-        pieces = [piece for *_, piece in selection([b.read(n), f.read(n)], topk.threshold_bits, topk.quota[n])]
+        pieces = selected([b.read(n), f.read(n)], topk.threshold_bits, tie_quota(topk.quota[n], topk.ties[n]),
+                          lambda *piece: piece[-1])
         basepatch[n] = torch.cat(pieces).reshape(b.resolve(n).shape)
     dev = "cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device)
     learned = learn_mask(b.source, str(f.root), names, basepatch, data=read_jsonl(data, task),
@@ -174,7 +175,7 @@ def _mask_writer(path: Path, plan: Plan, topk: TopK, names: Sequence[str], recip
 def _mask_tap(writer: ShardWriter, chosen: set[str], topk: TopK, ckpts):
     import numpy as np
 
-    from ..ops.sparse import selection
+    from ..ops.sparse import selected, tie_quota
 
     def tap(name: str, loaded: dict) -> None:
         if name not in chosen:
@@ -185,8 +186,11 @@ def _mask_tap(writer: ShardWriter, chosen: set[str], topk: TopK, ckpts):
 
             pair = [widen(a, ckpts[i].resolve(name).dtype) for i, a in enumerate(pair)]
         mask = np.empty(math.prod(pair[0].shape), dtype=bool)
-        for start, stop, *_, piece in selection(pair, topk.threshold_bits, topk.quota[name]):
-            mask[start:stop] = piece if isinstance(piece, np.ndarray) else piece.cpu().numpy()
+
+        def fill(start, stop, *piece):  # pieces may run on several threads: disjoint slices
+            mask[start:stop] = piece[-1] if isinstance(piece[-1], np.ndarray) else piece[-1].cpu().numpy()
+
+        selected(pair, topk.threshold_bits, tie_quota(topk.quota[name], topk.ties[name]), fill)
         writer.write(name, masks.encode(mask, masks.encoding_for(mask.size, topk.kept[name])))
 
     return tap

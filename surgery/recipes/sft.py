@@ -11,6 +11,7 @@ from ..engine.topk import global_topk, narrow_difference
 from ..errors import PlanError
 from ..io import composable_sft
 from ..io.checkpoint import open_checkpoint, open_checkpoints
+from ..ops.sparse import tie_quota
 from ..io.writer import DEFAULT_MAX_SHARD_SIZE, TensorSpec
 from ..sft import VALUE_DTYPE, SparseFineTune, metadata
 from .run import content_hash, run_plan, write_single_file
@@ -45,14 +46,14 @@ def extract(base, ft, output, *, density: float | None = None, k: int | None = N
         if not kept:
             continue
         vdt = VALUE_DTYPE.get(b.resolve(n).dtype, "F64")
-        params = {"threshold_bits": topk.threshold_bits, "quota": topk.quota[n]}
+        params = {"threshold_bits": topk.threshold_bits, "quota": tie_quota(topk.quota[n], topk.ties[n])}
         # indices as wide as the values, so the two entries sit side by side in the file and the
         # writing pass reads their inputs once
         idt = "I32" if vdt == "F32" and numel(f, n) < 2**31 else "I64"
-        tensors += [OutputTensor(TensorSpec(n + ".indices", idt, (kept,)),
-                                 Call.of("sparse_indices", [Ref(0, n), Ref(1, n)], **params)),
+        indices = Call.of("sparse_indices", [Ref(0, n), Ref(1, n)], **params)
+        tensors += [OutputTensor(TensorSpec(n + ".indices", idt, (kept,)), indices),
                     OutputTensor(TensorSpec(n + ".values", vdt, (kept,)),
-                                 Call.of("sparse_values", [Ref(0, n), Ref(1, n)], **params))]
+                                 Call.of("sparse_values", [Ref(0, n), Ref(1, n), indices]))]
         info[n] = {"kind": "sparse", "shape": list(f.resolve(n).shape), "dtype": b.resolve(n).dtype, "kept": kept}
     for n in dense_names:
         shape = tuple(f.resolve(n).shape)
