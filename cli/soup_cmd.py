@@ -22,11 +22,13 @@ def soup(
     device: str = DEVICE,
     max_shard_size: str = SHARD,
     config_from: Optional[str] = typer.Option(None, help=CONFIG_HELP),
+    base: Optional[str] = typer.Option(None, help="Base model of LoRA adapter inputs (default: the one each "
+                                                  "adapter's config names)."),
     force: bool = FORCE,
     allow_pickle: bool = ALLOW_PICKLE,
     quiet: bool = QUIET,
 ) -> None:
-    """Average checkpoints tensor by tensor (a model soup)."""
+    """Average checkpoints tensor by tensor (a model soup). A PEFT LoRA adapter input counts as its base plus its delta."""
     w = parse_floats(weights, "--weights")
     if greedy and w is not None:
         fail("--weights and --greedy exclude each other: a greedy soup is a uniform soup of the ingredients it keeps")
@@ -45,5 +47,5 @@ def soup(
                            + ", ".join(result.chosen))
                 typer.echo(f"wrote {result.output}")
                 return
-            out = surgery.soup(inputs, output, weights=w, normalize=normalize, progress=progress, **common)
+            out = surgery.soup(inputs, output, weights=w, normalize=normalize, base=base, progress=progress, **common)
     typer.echo(f"wrote {out}")

@@ -20,12 +20,17 @@ _API = {
     "merge": "surgery.recipes.merge",
     "lines": "surgery.recipes.merge",
     "TaskVector": "surgery.lazy",
+    "open_adapter": "surgery.lora",
+    "lora_task_vector": "surgery.lora",
     "LazyModel": "surgery.lazy",
     "open_checkpoint": "surgery.io.checkpoint",
     "Checkpoint": "surgery.io.checkpoint",
     "Plan": "surgery.engine.plan",
     "execute": "surgery.engine.executor",
     "SurgeryError": "surgery.errors",
+    "spectral_report": "surgery.spectral",
+    "reduce_intruders": "surgery.spectral",
+    "SpectralResult": "surgery.spectral",
 }
 
 __all__ = sorted(_API) + ["__version__"]

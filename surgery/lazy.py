@@ -158,6 +158,10 @@ class TaskVector:
         """``ft - base``, tensor by tensor. Embedding and head rows that ``ft`` added (a grown
         vocabulary) are differenced against zero rows, so applying the vector brings them in whole."""
         ft_c, base_c = _checkpoint(ft), _checkpoint(base)
+        from .lora import is_adapter
+
+        if is_adapter(ft_c):  # a LoRA adapter where a fine-tune is expected: its delta, computed per tensor
+            return cls.from_lora(ft_c, base_c)
         problems = []
         tensors = {}
         for name, info in ft_c.tensors.items():
@@ -195,6 +199,13 @@ class TaskVector:
             raise IncompatibleInputsError(problems)
         lazy = Lazy((ft_c, base_c), tensors, tied, ft_c.root, ({"diff": [ft_c.source, base_c.source]},))
         return cls(lazy, {"ft": ft_c.source, "base": base_c.source})
+
+    @classmethod
+    def from_lora(cls, adapter, base) -> "TaskVector":
+        """A PEFT LoRA adapter's change to ``base`` (see :mod:`surgery.lora`): zero where it changes nothing."""
+        from .lora import lora_task_vector
+
+        return lora_task_vector(adapter, base)
 
     @classmethod
     def load(cls, folder) -> "TaskVector":
@@ -246,6 +257,8 @@ class TaskVector:
         copied). Embedding and head rows the vector has beyond ``base``'s (a grown vocabulary) are
         added onto zero rows, so new-token rows come from the fine-tuned model.
         """
+        from .lora import is_zero_delta
+
         target = base if isinstance(base, Lazy) else from_checkpoint(base)
         inputs, mapping = union_inputs(target.inputs, self.lazy.inputs)
         problems = []
@@ -262,7 +275,8 @@ class TaskVector:
                     problems.append(f"tensor {name!r} is in the target {_where(target)} but not in the task vector "
                                     "(pass --keep-target to copy the target's)")
                 continue
-            if not _is_float(t):
+            if not _is_float(t) or (is_zero_delta(d.expr) and d.spec.shape == t.spec.shape):
+                # carried tensors, and those an adapter leaves alone: the target's own, bit for bit
                 tensors[name] = OutputTensor(TensorSpec(name, t.spec.dtype, t.spec.shape), t.expr)
                 continue
             delta = remap(d.expr, mapping)

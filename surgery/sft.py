@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass
-from pathlib import Path
 
 from .errors import CheckpointError
 from .io.checkpoint import Checkpoint, open_checkpoint

@@ -6,8 +6,6 @@ and trains LT-SFT against a random mask; whether the papers' claims hold is repo
 from __future__ import annotations
 
 import importlib.util
-import json
-import math
 import re
 import sys
 from pathlib import Path

@@ -224,7 +224,6 @@ def test_ties_global_scope_matches_brute_force(zoo, tmp_path):
             alt = (b[n].double() + 0.9 * ties_merge(per_tensor, weights)).to(torch.bfloat16)
             differs_from_per_tensor |= not torch.equal(alt, got[n])
     assert differs_from_per_tensor, "this case must tell global scope from per-tensor scope"
-    from typer.testing import CliRunner
     from surgery_cli.app import app
 
     r = CliRunner().invoke(app, ["merge", *map(str, paths), "--base", str(zoo["llama/base"]), "--method", "ties",

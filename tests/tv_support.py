@@ -23,7 +23,6 @@ import struct
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 torch.set_num_threads(1)

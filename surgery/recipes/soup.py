@@ -66,12 +66,24 @@ def plan_soup(ckpts: list[Checkpoint], weights: list[float], dtype: str | None =
 
 def soup(inputs, output, *, weights: Sequence[float] | None = None, normalize: bool = True, dtype: str | None = None,
          device: str = "auto", max_shard_size=DEFAULT_MAX_SHARD_SIZE, config_from=None, force: bool = False,
-         allow_pickle: bool = False, progress=None, extra_recipe: dict | None = None) -> Path:
+         allow_pickle: bool = False, progress=None, extra_recipe: dict | None = None, base=None) -> Path:
     """Average checkpoints tensor by tensor into ``output``; returns the output folder.
 
     ``weights`` are normalised to sum to 1 unless ``normalize=False``; the default is uniform.
+    An input may be a PEFT LoRA adapter: it counts as its base (``base``, or the one its config
+    names) plus its delta (see :func:`surgery.recipes.lora.soup`).
     """
     ckpts = open_inputs(inputs, allow_pickle)
+    from ..lora import is_adapter
+
+    if any(is_adapter(c) for c in ckpts):
+        from .lora import soup as soup_with_adapters
+
+        return soup_with_adapters(inputs, output, base=base, weights=weights, normalize=normalize, dtype=dtype,
+                                  device=device, max_shard_size=max_shard_size, config_from=config_from,
+                                  force=force, allow_pickle=allow_pickle, progress=progress)
+    if base is not None:
+        raise PlanError("base is only for LoRA adapter inputs, and no input is an adapter")
     w = soup_weights(len(ckpts), weights, normalize)
     recipe = {"operation": "soup", "weights": w, "dtype": dtype, **(extra_recipe or {})}
     plan, overrides = plan_soup(ckpts, w, dtype, max_shard_size, recipe)

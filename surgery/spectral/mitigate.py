@@ -1,0 +1,103 @@
+"""Intruder mitigation: ``W' = W_ft + (lambda - 1) * sum_{j intruder} s_j u_j v_j^T``.
+
+As PEFT's ``reduce_intruder_dimension`` (defaults top_k=10, epsilon=0.5, lambda=0.75): the intruders
+and their triplets come from the SVD of the fine-tuned matrix itself (not of the update), and the
+correction is applied in float32. The analysis hands each corrected matrix's intruder triplets to a
+:class:`CorrectionWriter` as it streams, which stores them as two low-rank factors in a small
+safetensors file per matrix (so memory stays a few matrices); the writing pass then opens that
+folder as a second input, and each corrected tensor is the registered operation
+``intruder_correction(W_ft, left, right) = W_ft + left @ right``; every other tensor is copied as is.
+lambda = 1 changes nothing and writes no factors: the output is the fine-tune, bit for bit.
+"""
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+from ..engine.plan import Call, OutputTensor, Plan, Ref
+from ..errors import PlanError
+from ..io.checkpoint import Checkpoint, open_checkpoint
+from ..io.writer import DEFAULT_MAX_SHARD_SIZE, TensorSpec
+from ..ops.common import compute
+from ..ops.registry import OPERATIONS, operation
+
+LEFT, RIGHT = ".intruder_left", ".intruder_right"
+DEFAULT_LAMBDA = 0.75
+
+if "intruder_correction" not in OPERATIONS:  # a reload of this module must not register it twice
+    @operation("intruder_correction")
+    def intruder_correction(tensors: list):
+        """tensors[0] + tensors[1] @ tensors[2] in the compute dtype (float32 or wider): a low-rank correction."""
+        w, left, right = (compute(t) for t in tensors)
+        return w + (left.to(w.dtype) @ right.to(w.dtype)).reshape(w.shape)
+
+
+class CorrectionWriter:
+    """Receives intruder triplets from :func:`surgery.spectral.analyze.analyze` for fine-tune
+    ``ft_index`` and writes ``left = (lambda - 1) * U_I * S_I`` (m, j) and ``right = Vh_I`` (j, n),
+    float32, one file per matrix in ``folder``."""
+
+    def __init__(self, folder: Path, mitigation_lambda: float, ft_index: int = 0):
+        self.folder = Path(folder)
+        self.mitigation_lambda = float(mitigation_lambda)
+        self.ft_index = ft_index
+        self.corrected: dict[str, int] = {}  # matrix -> intruders removed
+
+    def __call__(self, ft_index: int, name: str, u, s, vh) -> None:
+        if ft_index != self.ft_index or self.mitigation_lambda == 1.0:
+            return
+        from safetensors.torch import save_file
+
+        left = (u.float() * s.float()[None, :]) * (self.mitigation_lambda - 1.0)
+        save_file({name + LEFT: left.contiguous().cpu(), name + RIGHT: vh.float().contiguous().cpu()},
+                  str(self.folder / f"{len(self.corrected):06d}.safetensors"), metadata={"format": "pt"})
+        self.corrected[name] = int(u.shape[1])
+
+
+def write_mitigated(ft: Checkpoint, corrections: CorrectionWriter, output, recipe: dict, *, force: bool = False,
+                    device: str = "auto", max_shard_size=DEFAULT_MAX_SHARD_SIZE, progress=None) -> Path:
+    """Stream the fine-tune into ``output`` with the corrections added (config, tokenizer, card come along)."""
+    from ..recipes.run import run_plan
+
+    inputs = [ft]
+    exprs = {}
+    if corrections.corrected:
+        factors = open_checkpoint(corrections.folder)
+        factors.source = "intruder corrections (computed by the analysis, not kept)"
+        inputs.append(factors)
+        exprs = {n: Call.of("intruder_correction", [Ref(0, n), Ref(1, n + LEFT), Ref(1, n + RIGHT)])
+                 for n in corrections.corrected}
+    tensors = [OutputTensor(TensorSpec(n, i.dtype, tuple(i.shape)), exprs.get(n, Ref(0, n))) for n, i in ft.tensors.items()]
+    plan = Plan([c.source for c in inputs], tensors, max_shard_size, recipe=recipe, compute_dtype="F32")
+    return run_plan(plan, output, inputs, force=force, config_from=0, tokenizer_from=ft.root,
+                    tags=("intruder-mitigation",), device=device, progress=progress)
+
+
+def reduce_intruders(base, ft, output, *, mitigation_lambda: float = DEFAULT_LAMBDA, k: int = 10,
+                     epsilon: float = 0.5, include=None, cache_dir=None, device: str = "auto", ft_svd: str = "auto",
+                     force: bool = False, max_shard_size=DEFAULT_MAX_SHARD_SIZE, progress=None):
+    """Analyse ``ft`` against ``base`` and write the mitigated fine-tune to ``output``; returns
+    ``(output path, SpectralResult)``."""
+    from .analyze import analyze
+
+    check_lambda(mitigation_lambda)
+    ft_ckpt = ft if isinstance(ft, Checkpoint) else open_checkpoint(ft)
+    with tempfile.TemporaryDirectory(prefix="surgery-intruders-") as tmp:
+        sink = CorrectionWriter(Path(tmp), mitigation_lambda)
+        result = analyze(base, [ft_ckpt], include, k, (epsilon,), cache_dir, device, epsilon=epsilon, ft_svd=ft_svd,
+                         corrections=sink)
+        out = write_mitigated(ft_ckpt, sink, output, mitigation_recipe(result, sink), force=force, device=device,
+                              max_shard_size=max_shard_size, progress=progress)
+    return out, result
+
+
+def mitigation_recipe(result, sink: CorrectionWriter) -> dict:
+    return {"operation": "reduce_intruders", "base": result.base, "ft": result.fine_tunes[sink.ft_index].label,
+            "lambda": sink.mitigation_lambda, "top_k": result.k, "epsilon": result.epsilon,
+            "formula": "W_ft + (lambda - 1) * sum over intruders of s_j u_j v_j^T (SVD of W_ft, float32)",
+            "corrected": dict(sink.corrected)}
+
+
+def check_lambda(value: float) -> None:
+    if not isinstance(value, (int, float)) or value != value:
+        raise PlanError(f"--mitigate needs a number lambda, got {value!r}")
