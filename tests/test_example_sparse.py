@@ -91,3 +91,30 @@ def test_weight_only_grafts_are_the_top_k_of_the_change(fast_run):
         kept = np.concatenate([(ft[n] - pre[n]).abs().numpy()[mask[n]] for n in mask])
         dropped = np.concatenate([(ft[n] - pre[n]).abs().numpy()[~mask[n]] for n in mask])
         assert kept.min() >= dropped.max() - 1e-12
+
+
+def test_composition_is_reported_and_task_sft_reproduces_lt_sft(fast_run):
+    """The composed models are the pretrained encoder plus the SFTs, added; the task SFT alone,
+    applied by ``surgery sft apply``, is the LT-SFT model the example trained, so its accuracy is
+    the LT-SFT figure (computed in the example from the in-memory model)."""
+    from safetensors.numpy import load_file
+
+    _, results, lines = fast_run
+    comp = results["composition"]
+    arms = ["task SFT alone", "target-domain SFT + task SFT", "source-domain SFT + task SFT"]
+    assert all(0.0 <= comp[a] <= 1.0 for a in arms)
+    assert any("composition" in line for line in lines)
+    assert comp["task SFT alone"] == pytest.approx(results["lt_sft"]["lt_sft"])
+    work = Path(results["workdir"])
+    pre, composed = read_folder(work / "pretrained"), read_folder(work / "composed-target-domain")
+    expected = {n: t.to(torch.float64).reshape(-1).clone() for n, t in pre.items() if t.is_floating_point()}
+    for sft in ("domain-target.sft", "task.sft"):
+        stored = load_file(str(work / sft))
+        for key, idx in stored.items():
+            if key.endswith(".indices"):
+                name = key[: -len(".indices")]
+                expected[name][torch.from_numpy(idx.astype(np.int64))] += \
+                    torch.from_numpy(stored[name + ".values"].astype(np.float64))
+    for name, want in expected.items():
+        got = composed[name].reshape(-1)
+        assert torch.equal(got, want.to(got.dtype)), name

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import importlib
 
-FAMILIES = ("basic", "soup", "task_vectors", "ties", "dare", "sparse", "lora")
+FAMILIES = ("basic", "soup", "task_vectors", "ties", "dare", "sparse", "lora", "low_rank")
 
 
 def load_all() -> None:

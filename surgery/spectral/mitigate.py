@@ -6,7 +6,7 @@ correction is applied in float32. The analysis hands each corrected matrix's int
 :class:`CorrectionWriter` as it streams, which stores them as two low-rank factors in a small
 safetensors file per matrix (so memory stays a few matrices); the writing pass then opens that
 folder as a second input, and each corrected tensor is the registered operation
-``intruder_correction(W_ft, left, right) = W_ft + left @ right``; every other tensor is copied as is.
+``add_low_rank(W_ft, left, right) = W_ft + left @ right`` (:mod:`surgery.ops.low_rank`); every other tensor is copied as is.
 lambda = 1 changes nothing and writes no factors: the output is the fine-tune, bit for bit.
 """
 from __future__ import annotations
@@ -18,19 +18,9 @@ from ..engine.plan import Call, OutputTensor, Plan, Ref
 from ..errors import PlanError
 from ..io.checkpoint import Checkpoint, open_checkpoint
 from ..io.writer import DEFAULT_MAX_SHARD_SIZE, TensorSpec
-from ..ops.common import compute
-from ..ops.registry import OPERATIONS, operation
 
 LEFT, RIGHT = ".intruder_left", ".intruder_right"
 DEFAULT_LAMBDA = 0.75
-
-if "intruder_correction" not in OPERATIONS:  # a reload of this module must not register it twice
-    @operation("intruder_correction")
-    def intruder_correction(tensors: list):
-        """tensors[0] + tensors[1] @ tensors[2] in the compute dtype (float32 or wider): a low-rank correction."""
-        w, left, right = (compute(t) for t in tensors)
-        return w + (left.to(w.dtype) @ right.to(w.dtype)).reshape(w.shape)
-
 
 class CorrectionWriter:
     """Receives intruder triplets from :func:`surgery.spectral.analyze.analyze` for fine-tune
@@ -65,7 +55,7 @@ def write_mitigated(ft: Checkpoint, corrections: CorrectionWriter, output, recip
         factors = open_checkpoint(corrections.folder)
         factors.source = "intruder corrections (computed by the analysis, not kept)"
         inputs.append(factors)
-        exprs = {n: Call.of("intruder_correction", [Ref(0, n), Ref(1, n + LEFT), Ref(1, n + RIGHT)])
+        exprs = {n: Call.of("add_low_rank", [Ref(0, n), Ref(1, n + LEFT), Ref(1, n + RIGHT)])
                  for n in corrections.corrected}
     tensors = [OutputTensor(TensorSpec(n, i.dtype, tuple(i.shape)), exprs.get(n, Ref(0, n))) for n, i in ft.tensors.items()]
     plan = Plan([c.source for c in inputs], tensors, max_shard_size, recipe=recipe, compute_dtype="F32")
