@@ -494,6 +494,13 @@ def test_a_peft_lora_adapter_is_analysed_as_its_merged_model(tiny_llama, tmp_pat
             assert a.update_effective_rank == pytest.approx(1.0, abs=1e-3)
         else:
             assert a.update_frobenius_sq == 0.0
-    with pytest.raises(PlanError, match="is a LoRA adapter: merge it first"):
-        spectral_report(tiny_llama / "base", [tmp_path / "adapter"], tmp_path / "r", mitigate=0.5,
-                        mitigated_out=tmp_path / "m", cache_dir=False)
+    # mitigating the adapter writes the merged model with its intruders scaled: as mitigating peft's merge
+    _, _, from_adapter = spectral_report(tiny_llama / "base", [tmp_path / "adapter"], tmp_path / "r", mitigate=0.5,
+                                         mitigated_out=tmp_path / "m", cache_dir=False)
+    from_merged, _ = reduce_intruders(tiny_llama / "base", tmp_path / "merged", tmp_path / "m2",
+                                      mitigation_lambda=0.5, cache_dir=False)
+    a, b = read_folder(from_adapter), read_folder(from_merged)
+    assert set(a) == set(b)
+    assert json.loads((from_adapter / "surgery_recipe.json").read_text())["recipe"]["corrected"]
+    for n in a:
+        torch.testing.assert_close(a[n], b[n], rtol=1e-4, atol=1e-5 * float(b[n].abs().max()), msg=n)

@@ -17,7 +17,7 @@ from pathlib import Path
 from ..engine.plan import Call, OutputTensor, Plan, Ref
 from ..errors import PlanError
 from ..io.checkpoint import Checkpoint, open_checkpoint
-from ..io.writer import DEFAULT_MAX_SHARD_SIZE, TensorSpec
+from ..io.writer import DEFAULT_MAX_SHARD_SIZE
 
 LEFT, RIGHT = ".intruder_left", ".intruder_right"
 DEFAULT_LAMBDA = 0.75
@@ -44,22 +44,31 @@ class CorrectionWriter:
         self.corrected[name] = int(u.shape[1])
 
 
-def write_mitigated(ft: Checkpoint, corrections: CorrectionWriter, output, recipe: dict, *, force: bool = False,
-                    device: str = "auto", max_shard_size=DEFAULT_MAX_SHARD_SIZE, progress=None) -> Path:
-    """Stream the fine-tune into ``output`` with the corrections added (config, tokenizer, card come along)."""
+def write_mitigated(ft: Checkpoint, corrections: CorrectionWriter, output, recipe: dict, *, base=None,
+                    force: bool = False, device: str = "auto", max_shard_size=DEFAULT_MAX_SHARD_SIZE,
+                    progress=None) -> Path:
+    """Stream the fine-tune into ``output`` with the corrections added (config, tokenizer, card come
+    along). A LoRA adapter ``ft`` is merged onto ``base`` on the way (lazily, per tensor), and the
+    corrections go on top of the merged weights: the output is a full checkpoint."""
+    from ..lazy import from_checkpoint
+    from ..lora import adapted, is_adapter
     from ..recipes.run import run_plan
 
-    inputs = [ft]
-    exprs = {}
+    if is_adapter(ft):
+        merged = adapted(ft, base)
+        lazy, tokenizer_from = merged.lazy, merged.tokenizer_from
+    else:
+        lazy, tokenizer_from = from_checkpoint(ft), ft.root
+    inputs = list(lazy.inputs)
+    factors = len(inputs)
     if corrections.corrected:
-        factors = open_checkpoint(corrections.folder)
-        factors.source = "intruder corrections (computed by the analysis, not kept)"
-        inputs.append(factors)
-        exprs = {n: Call.of("add_low_rank", [Ref(0, n), Ref(1, n + LEFT), Ref(1, n + RIGHT)])
-                 for n in corrections.corrected}
-    tensors = [OutputTensor(TensorSpec(n, i.dtype, tuple(i.shape)), exprs.get(n, Ref(0, n))) for n, i in ft.tensors.items()]
+        ckpt = open_checkpoint(corrections.folder)
+        ckpt.source = "intruder corrections (computed by the analysis, not kept)"
+        inputs.append(ckpt)
+    tensors = [OutputTensor(t.spec, Call.of("add_low_rank", [t.expr, Ref(factors, n + LEFT), Ref(factors, n + RIGHT)])
+                            if n in corrections.corrected else t.expr) for n, t in lazy.tensors.items()]
     plan = Plan([c.source for c in inputs], tensors, max_shard_size, recipe=recipe, compute_dtype="F32")
-    return run_plan(plan, output, inputs, force=force, config_from=0, tokenizer_from=ft.root,
+    return run_plan(plan, output, inputs, force=force, config_from=0, tokenizer_from=tokenizer_from,
                     tags=("intruder-mitigation",), device=device, progress=progress)
 
 
@@ -76,8 +85,8 @@ def reduce_intruders(base, ft, output, *, mitigation_lambda: float = DEFAULT_LAM
         sink = CorrectionWriter(Path(tmp), mitigation_lambda)
         result = analyze(base, [ft_ckpt], include, k, (epsilon,), cache_dir, device, epsilon=epsilon, ft_svd=ft_svd,
                          corrections=sink)
-        out = write_mitigated(ft_ckpt, sink, output, mitigation_recipe(result, sink), force=force, device=device,
-                              max_shard_size=max_shard_size, progress=progress)
+        out = write_mitigated(ft_ckpt, sink, output, mitigation_recipe(result, sink), base=base, force=force,
+                              device=device, max_shard_size=max_shard_size, progress=progress)
     return out, result
 
 

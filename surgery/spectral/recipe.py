@@ -39,12 +39,7 @@ def spectral_report(base, fts: Sequence, output, *, include=None, k: int = 10, e
         return result, write_report(result, output, heatmap=heatmap, force=force), None
     check_lambda(mitigate)
     if len(opened) != 1 or not isinstance(opened[0], Checkpoint):
-        raise PlanError("--mitigate works on exactly one --ft, a checkpoint")
-    from ..lora import is_adapter
-
-    if is_adapter(opened[0]):
-        raise PlanError(f"--mitigate writes a full checkpoint; {opened[0].source} is a LoRA adapter: merge it first "
-                        "(surgery lora merge) and mitigate the merged model")
+        raise PlanError("--mitigate works on exactly one --ft, a checkpoint or a LoRA adapter")
     check_output(mitigated_out, [base_ckpt.root] + roots, force)
     if Path(mitigated_out).resolve() == Path(output).resolve():
         raise PlanError("--mitigated-out must differ from the report folder")
@@ -53,6 +48,6 @@ def spectral_report(base, fts: Sequence, output, *, include=None, k: int = 10, e
         result = analyze(base_ckpt, opened, include, k, epsilons, cache_dir, device, epsilon=epsilon, ft_svd=ft_svd,
                          progress=progress, corrections=sink)
         report = write_report(result, output, heatmap=heatmap, force=force)
-        mitigated = write_mitigated(opened[0], sink, mitigated_out, mitigation_recipe(result, sink), force=force,
-                                    device=device, max_shard_size=max_shard_size, progress=progress)
+        mitigated = write_mitigated(opened[0], sink, mitigated_out, mitigation_recipe(result, sink), base=base_ckpt,
+                                    force=force, device=device, max_shard_size=max_shard_size, progress=progress)
     return result, report, mitigated
