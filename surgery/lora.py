@@ -30,6 +30,7 @@ from .io.checkpoint import HUB_ID, Checkpoint, open_checkpoint
 from .io.output import is_tokenizer_file
 from .io.writer import TensorSpec
 from .lazy import Lazy, LazyModel, TaskVector
+from .lora_rules import pattern_key, saved_whole, targeted
 from .ops import lora as _ops  # noqa: F401  (registers lora_delta and zeros_like)
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -124,8 +125,8 @@ class Adapter:
     def rank_and_scaling(self, module: str) -> tuple[int, float]:
         """(rank, scaling) of a module, with rank_pattern and alpha_pattern matched as peft does."""
         cfg = self.config
-        rank = (cfg.get("rank_pattern") or {}).get(_pattern_key(cfg.get("rank_pattern") or {}, module), cfg["r"])
-        alpha = (cfg.get("alpha_pattern") or {}).get(_pattern_key(cfg.get("alpha_pattern") or {}, module),
+        rank = (cfg.get("rank_pattern") or {}).get(pattern_key(cfg.get("rank_pattern") or {}, module), cfg["r"])
+        alpha = (cfg.get("alpha_pattern") or {}).get(pattern_key(cfg.get("alpha_pattern") or {}, module),
                                                     cfg["lora_alpha"])
         return int(rank), float(alpha) / (math.sqrt(rank) if cfg.get("use_rslora") else rank)
 
@@ -189,59 +190,6 @@ def open_adapter(spec) -> Adapter:
 # Matching adapter keys to base tensors
 
 
-def _pattern_key(patterns: dict, module: str) -> str:
-    """peft's ``get_pattern_key``: the first pattern that matches a dotted suffix of the module name."""
-    for key in patterns:
-        if re.match(rf"(.*\.)?({key})$", module):
-            return key
-    return module
-
-
-def _targeted(config: dict, module: str) -> bool:
-    """peft's ``check_target_module_exists`` for a module that has LoRA weights."""
-    exclude = config.get("exclude_modules")
-    if exclude:
-        if isinstance(exclude, str) and re.fullmatch(exclude, module):
-            return False
-        if not isinstance(exclude, str) and (module in exclude or any(module.endswith(f".{e}") for e in exclude)):
-            return False
-    if any(re.match(rf"(^|.*\.){m}($|\..*)", module) for m in config.get("modules_to_save") or []):
-        return False
-    targets = config.get("target_modules")
-    if targets is None:
-        return False
-    if isinstance(targets, str):
-        return targets == "all-linear" or re.fullmatch(targets, module) is not None
-    if module in targets:
-        return True
-    if not any(module.endswith(f".{t}") for t in targets):
-        return False
-    layers = config.get("layers_to_transform")
-    if layers is None or layers == []:
-        return True
-    patterns = config.get("layers_pattern")
-    if not patterns:
-        match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", module)
-    else:
-        match = None
-        for p in [patterns] if isinstance(patterns, str) else patterns:
-            if (match := re.match(rf"(?:^|.*?\.){p}\.(?P<idx>\d+)\.", module)) is not None:
-                break
-    if match is None:
-        return False
-    index = int(match.group("idx"))
-    return index == layers if isinstance(layers, int) else index in layers
-
-
-def _saved_whole(config: dict, module: str, param: str) -> bool:
-    """Whether a plain tensor in the adapter is one peft trains in full: a module in
-    ``modules_to_save`` (matched by suffix, as ``_set_trainable`` does) or a bias under ``bias="all"``
-    or ``"lora_only"``."""
-    if any(module.endswith(m) for m in config.get("modules_to_save") or []):
-        return True
-    return param == "bias" and config.get("bias", "none") in ("all", "lora_only")
-
-
 def _name_rule(names: list[str], base: Checkpoint) -> Callable[[str], str]:
     """How the adapter's module paths map to the base's tensor names, chosen once for the whole
     adapter: as they are, without their first component, or with a first component of the base's
@@ -275,14 +223,14 @@ def _classify(adapter: Adapter) -> tuple[dict[str, dict[str, str]], dict[str, st
                 break
         else:
             module, _, param = name.rpartition(".")
-            if _saved_whole(cfg, module, param):
+            if saved_whole(cfg, module, param):
                 whole[name] = key
             else:
                 unknown.append(key)
     problems = [f"tensor {k!r} of {weights.files[0]} is not a LoRA weight, a module to save or a trained bias"
                 for k in unknown]
     for module in pairs:
-        if not _targeted(cfg, module):
+        if not targeted(cfg, module):
             problems.append(f"LoRA weights for module {module!r} in {weights.files[0]}, which target_modules "
                             f"{cfg.get('target_modules')!r} (with layers_to_transform, exclude_modules, "
                             "modules_to_save) does not select")
