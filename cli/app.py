@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import typer
 
-from . import inspect_cmd, lora_cmds, soup_cmd, sparse_cmds, spectral_cmd, task_vector_cmds
+from . import hub_cmds, inspect_cmd, lora_cmds, soup_cmd, sparse_cmds, spectral_cmd, task_vector_cmds
 
 # Plain help text: rich-rendered help costs a quarter second of imports on every --help.
 app = typer.Typer(name="surgery", no_args_is_help=True, add_completion=False, rich_markup_mode=None,
@@ -20,6 +20,7 @@ app.add_typer(sparse_cmds.mask_app, name="mask")
 app.add_typer(sparse_cmds.sft_app, name="sft")
 app.command("spectral")(spectral_cmd.spectral)
 app.add_typer(lora_cmds.lora_app, name="lora")
+app.command("push")(hub_cmds.push)
 
 
 def _print_version(value: bool) -> None:

@@ -5,8 +5,10 @@ Nothing here imports torch: the library is imported inside each command, so ``--
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 import sys
-from typing import Iterator
+from typing import Iterator, Optional
 
 import typer
 
@@ -22,6 +24,8 @@ SHARD = typer.Option("5GB", help=SHARD_HELP)
 FORCE = typer.Option(False, "--force", help="Replace an existing output folder.")
 QUIET = typer.Option(False, "--quiet", "-q", help="No progress bar.")
 ALLOW_PICKLE = typer.Option(False, "--allow-pickle", help="Accept pickled .bin inputs (weights_only load).")
+PUSH_TO = typer.Option(None, "--push-to", metavar="ORG/NAME",
+                       help="Then push the output to this Hub repo, as `surgery push` does (token: HF_TOKEN or the hub login).")
 
 
 def fail(message: str, code: int = 1) -> None:
@@ -40,6 +44,15 @@ def reported_errors() -> Iterator[None]:
         fail(str(e).replace("\n", " "))
     except KeyboardInterrupt:
         fail("interrupted; no output was written", 130)
+
+
+@contextlib.contextmanager
+def resumable(folder, repo_id: str) -> Iterator[None]:
+    """A push stopped by Ctrl-C says how to resume it (the output itself is complete)."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        fail(f"interrupted; {folder} is complete: run `surgery push {folder} {repo_id}` to resume the push", 130)
 
 
 def parse_floats(text: str | None, what: str) -> list[float] | None:
@@ -70,3 +83,41 @@ def tensor_progress(label: str, quiet: bool = False):
                        description=f"{label} {p.tensors_done}/{p.tensors_total}")
 
         yield update
+
+
+def pushes(output: str = "output"):
+    """Give a command that writes a model folder (its parameter ``output``) the option
+    ``--push-to ORG/NAME``: the repo id and a token are checked before the command runs, and the
+    folder is pushed (``surgery.push``) once the command has written it, so only a complete
+    output is ever pushed. One definition for every writing command."""
+
+    def decorate(command):
+        signature = inspect.signature(command)
+        extra = inspect.Parameter("push_to", inspect.Parameter.KEYWORD_ONLY, default=PUSH_TO, annotation=Optional[str])
+
+        @functools.wraps(command)
+        def run(*args, push_to: Optional[str] = None, **kwargs):
+            if push_to is not None:
+                if kwargs.get("dry_run"):
+                    fail("--push-to pushes the output; --dry-run writes none")
+                if kwargs.get(output) is None:
+                    fail(f"--push-to needs --{output.replace('_', '-')}")
+                with reported_errors():
+                    from surgery.hub import check_push
+
+                    check_push(push_to)  # before hours of work, not after
+            command(*args, **kwargs)
+            if push_to is not None:
+                quiet = kwargs.get("quiet", False)
+                with reported_errors(), resumable(kwargs[output], push_to):
+                    import surgery
+
+                    result = surgery.push(kwargs[output], push_to, log=None if quiet else lambda m: typer.echo(m, err=True))
+                typer.echo(f"pushed {kwargs[output]} to {push_to} ({result.revision}): "
+                           f"{len(result.uploaded)} file(s) in {len(result.commits)} commit(s)")
+
+        run.__signature__ = signature.replace(parameters=[*signature.parameters.values(), extra])
+        run.__annotations__ = {**getattr(command, "__annotations__", {}), "push_to": Optional[str]}
+        return run
+
+    return decorate

@@ -7,9 +7,10 @@ from typing import List, Optional
 import typer
 
 from .common import (ALLOW_PICKLE, CONFIG_HELP, DEVICE, DTYPE_HELP, FORCE, OUTPUT, QUIET, SHARD, fail, parse_floats,
-                     reported_errors, tensor_progress)
+                     pushes, reported_errors, tensor_progress)
 
 
+@pushes()
 def soup(
     inputs: List[str] = typer.Argument(..., help="Checkpoints: folders, .safetensors files or Hub ids org/name[@rev]."),
     output: Path = OUTPUT,

@@ -7,7 +7,7 @@ from typing import List, Optional
 
 import typer
 
-from .common import ALLOW_PICKLE, CONFIG_HELP, DEVICE, DTYPE_HELP, FORCE, OUTPUT, QUIET, SHARD, fail, \
+from .common import ALLOW_PICKLE, CONFIG_HELP, DEVICE, DTYPE_HELP, FORCE, OUTPUT, QUIET, SHARD, fail, pushes, \
     reported_errors, tensor_progress
 
 INCLUDE = typer.Option(None, "--include", help="Regex (searched in tensor names) of tensors to select; repeatable.")
@@ -15,6 +15,7 @@ EXCLUDE = typer.Option(None, "--exclude", help="Regex of tensors to leave out; r
 K = typer.Option(None, "--k", help="Keep exactly this many entries (instead of a fraction).")
 
 
+@pushes()
 def graft(
     base: str = typer.Option(..., "--base", help="The pretrained model."),
     ft: str = typer.Option(..., "--ft", help="The fine-tune."),
@@ -160,5 +161,5 @@ def _sft_command(revert: bool):
     return command
 
 
-sft_app.command("apply")(_sft_command(False))
-sft_app.command("revert")(_sft_command(True))
+sft_app.command("apply")(pushes()(_sft_command(False)))
+sft_app.command("revert")(pushes()(_sft_command(True)))

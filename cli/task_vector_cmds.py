@@ -6,9 +6,11 @@ from typing import List, Optional
 
 import typer
 
-from .common import DEVICE, DTYPE_HELP, FORCE, OUTPUT, QUIET, SHARD, fail, parse_floats, reported_errors, tensor_progress
+from .common import (DEVICE, DTYPE_HELP, FORCE, OUTPUT, QUIET, SHARD, fail, parse_floats, pushes, reported_errors,
+                     tensor_progress)
 
 
+@pushes()
 def diff(
     ft: str = typer.Argument(..., help="Fine-tuned checkpoint."),
     base: str = typer.Argument(..., help="The base it was fine-tuned from."),
@@ -28,6 +30,7 @@ def diff(
     typer.echo(f"wrote {out}")
 
 
+@pushes()
 def transfer(
     to: str = typer.Option(..., "--to", help="The new base to move the fine-tune onto."),
     output: Path = OUTPUT,
@@ -52,6 +55,7 @@ def transfer(
     typer.echo(f"wrote {out}")
 
 
+@pushes()
 def merge(
     models: List[str] = typer.Argument(..., help="Fine-tunes of the base."),
     base: str = typer.Option(..., "--base", help="The common base."),
@@ -90,6 +94,7 @@ def merge(
         typer.echo(f"wrote {out}")
 
 
+@pushes()
 def lines(
     base: str = typer.Option(..., "--base", help="The pretrained base."),
     ft: str = typer.Option(..., "--ft", help="The fine-tune."),

@@ -31,6 +31,8 @@ _API = {
     "spectral_report": "surgery.spectral",
     "reduce_intruders": "surgery.spectral",
     "SpectralResult": "surgery.spectral",
+    "push": "surgery.hub",
+    "PushResult": "surgery.hub",
 }
 
 __all__ = sorted(_API) + ["__version__"]

@@ -50,9 +50,11 @@ def targeted(config: dict, module: str) -> bool:
 
 
 def saved_whole(config: dict, module: str, param: str) -> bool:
-    """Whether a plain tensor in the adapter is one peft trains in full: a module in
-    ``modules_to_save`` (matched by suffix, as ``_set_trainable`` does) or a bias under ``bias="all"``
-    or ``"lora_only"``."""
-    if any(module.endswith(m) for m in config.get("modules_to_save") or []):
+    """Whether a plain tensor in the adapter is one peft trains in full: inside a module in
+    ``modules_to_save`` (the module or one of its containers matched by suffix, as ``_set_trainable``
+    does) or a bias under ``bias="all"`` or ``"lora_only"``."""
+    parts = module.split(".")
+    ancestors = [".".join(parts[:i]) for i in range(1, len(parts) + 1)]  # peft wraps containers whole too
+    if any(a.endswith(m) for a in ancestors for m in config.get("modules_to_save") or []):
         return True
     return param == "bias" and config.get("bias", "none") in ("all", "lora_only")

@@ -196,6 +196,24 @@ def test_modules_to_save_replace_the_head(lora_models, cli, tmp_path):
     assert_matches(got, expected, base_t, changed_at_least=3)
 
 
+def test_a_container_in_modules_to_save_brings_every_tensor_inside_it(lora_models, cli, tmp_path):
+    """``modules_to_save`` naming a container (a layer's whole MLP, not one of its Linears): peft
+    trains and saves every tensor inside it, and they replace the base's."""
+    base = lora_models / "seqcls"
+    auto = "AutoModelForSequenceClassification"
+    adapter = make_adapter(base, tmp_path / "adapter", auto, randomize_saved=True, task_type="SEQ_CLS", r=2,
+                           lora_alpha=4, target_modules=["q_proj"], layers_to_transform=[0],
+                           modules_to_save=["score", "layers.1.mlp"])
+    stored = read_folder(adapter)
+    assert any(".layers.1.mlp.up_proj." in k for k in stored), sorted(stored)
+    out = tmp_path / "merged"
+    cli("lora", "merge", base, adapter, "-o", out)
+    base_t = read_folder(base)
+    expected = peft_merged(base, adapter, auto)
+    assert not torch.equal(expected["model.layers.1.mlp.up_proj.weight"], base_t["model.layers.1.mlp.up_proj.weight"])
+    assert_matches(read_folder(out), expected, base_t, changed_at_least=5)
+
+
 def test_adapter_on_inner_model_maps_onto_prefixed_base(llama, tmp_path):
     """An adapter trained on the bare ``LlamaModel`` (keys ``base_model.model.layers...``) merged into the
     ``LlamaForCausalLM`` checkpoint (``model.layers...``): the prefix is worked out once for the adapter."""

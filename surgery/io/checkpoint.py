@@ -74,9 +74,10 @@ def open_checkpoint(spec: str | os.PathLike, *, allow_pickle: bool = False) -> C
     path = Path(spec).expanduser()
     if not path.exists():
         if HUB_ID.match(source) and not source.startswith((".", "/")):
-            path = _pull_from_hub(source)
-        else:
-            raise CheckpointError("no such file or folder", file=source)
+            from ..hub import open_hub  # config and index fetched, shard headers read remotely
+
+            return open_hub(source)
+        raise CheckpointError("no such file or folder", file=source)
     if path.is_file():
         return _open_file(source, path, allow_pickle)
     return _open_folder(source, path, allow_pickle)
@@ -94,20 +95,6 @@ def open_checkpoints(inputs, allow_pickle: bool = False) -> list[Checkpoint]:
     return ckpts
 
 
-def _pull_from_hub(source: str) -> Path:
-    from huggingface_hub import snapshot_download
-
-    repo_id, _, revision = source.partition("@")
-    try:
-        folder = snapshot_download(repo_id, revision=revision or None, allow_patterns=HUB_PATTERNS)
-    except Exception as e:  # the hub client raises many kinds; all mean "could not get it"
-        offline = " (HF_HUB_OFFLINE is set: only the local cache was searched)" if os.environ.get("HF_HUB_OFFLINE") else ""
-        raise CheckpointError(f"cannot fetch Hub repo {repo_id}{'@' + revision if revision else ''}: "
-                              f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}{offline}",
-                              file=source) from e
-    return Path(folder)
-
-
 def _open_file(source: str, path: Path, allow_pickle: bool) -> Checkpoint:
     if path.name.endswith(".index.json"):
         return _open_folder(source, path.parent, allow_pickle, index=path)
@@ -117,28 +104,26 @@ def _open_file(source: str, path: Path, allow_pickle: bool) -> Checkpoint:
     return _finish(source, path.parent, tensors, [str(path.absolute())])
 
 
+def find_index(folder: Path) -> Path | None:
+    """The safetensors index of a folder: ``model.safetensors.index.json``, else the only one."""
+    indexes = sorted(folder.glob("*.safetensors.index.json"))
+    preferred = folder / "model.safetensors.index.json"
+    index = preferred if preferred.exists() else (indexes[0] if len(indexes) == 1 else None)
+    if index is None and len(indexes) > 1:
+        raise CheckpointError(f"several safetensors indexes ({', '.join(p.name for p in indexes)}); "
+                              "pass the one you mean", file=str(folder))
+    return index
+
+
 def _open_folder(source: str, folder: Path, allow_pickle: bool, index: Path | None = None) -> Checkpoint:
     if index is None:
-        indexes = sorted(folder.glob("*.safetensors.index.json"))
-        preferred = folder / "model.safetensors.index.json"
-        index = preferred if preferred.exists() else (indexes[0] if len(indexes) == 1 else None)
-        if index is None and len(indexes) > 1:
-            raise CheckpointError(f"several safetensors indexes ({', '.join(p.name for p in indexes)}); "
-                                  "pass the one you mean", file=str(folder))
+        index = find_index(folder)
     if index is not None:
-        return _open_index(source, folder, index)
+        return open_index(source, folder, index)
     single = folder / "model.safetensors"
     files = [single] if single.exists() else sorted(folder.glob("*.safetensors"))
     if files:
-        tensors: dict[str, TensorInfo] = {}
-        for f in files:
-            part, _ = read_header(str(f.absolute()))
-            for name in part:
-                if name in tensors:
-                    raise CheckpointError(f"tensor appears in two files without an index (also in {tensors[name].file})",
-                                          file=str(f), tensor=name)
-            tensors.update(part)
-        return _finish(source, folder, tensors, [str(f.absolute()) for f in files])
+        return open_files(source, folder, files)
     pickled = [folder / n for n in PICKLE_NAMES if (folder / n).exists()]
     if pickled:
         if pickled[0].name.endswith(".index.json"):
@@ -149,15 +134,43 @@ def _open_folder(source: str, folder: Path, allow_pickle: bool, index: Path | No
                           "model.safetensors.index.json)", file=str(folder))
 
 
-def _open_index(source: str, folder: Path, index: Path) -> Checkpoint:
+def open_files(source: str, folder: Path, files: list[Path], known: dict | None = None) -> Checkpoint:
+    """A checkpoint of safetensors files without an index. ``known`` maps a file's path to a header
+    already read elsewhere (a Hub shard's, over HTTP); other files are read here."""
+    tensors: dict[str, TensorInfo] = {}
+    for f in files:
+        path = str(f.absolute())
+        part = known[path] if known and path in known else read_header(path)[0]
+        for name in part:
+            if name in tensors:
+                raise CheckpointError(f"tensor appears in two files without an index (also in {tensors[name].file})",
+                                      file=str(f), tensor=name)
+        tensors.update(part)
+    return _finish(source, folder, tensors, [str(f.absolute()) for f in files])
+
+
+def _weight_map(index: Path) -> dict:
     data = _load_json(index)
     weight_map = data.get("weight_map") if isinstance(data, dict) else None
     if not isinstance(weight_map, dict) or not weight_map:
         raise CheckpointError("index has no weight_map", file=str(index))
+    return weight_map
+
+
+def index_shards(folder: Path, index: Path) -> list[str]:
+    """The shard files an index names (each checked to stay inside ``folder``), in index order."""
+    return list(dict.fromkeys(str(_inside(folder, shard, index, name)) for name, shard in _weight_map(index).items()))
+
+
+def open_index(source: str, folder: Path, index: Path, known: dict | None = None) -> Checkpoint:
+    """A sharded checkpoint; ``known`` maps shard paths to headers read elsewhere (see :func:`open_files`)."""
+    weight_map = _weight_map(index)
     headers: dict[str, dict[str, TensorInfo]] = {}
     tensors: dict[str, TensorInfo] = {}
     for name, shard in weight_map.items():
         shard_path = str(_inside(folder, shard, index, name))
+        if shard_path not in headers and known and shard_path in known:
+            headers[shard_path] = known[shard_path]
         if shard_path not in headers:
             if not os.path.isfile(shard_path):
                 raise CheckpointError(f"index points to missing shard {shard}", file=str(index), tensor=name)

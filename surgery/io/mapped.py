@@ -16,6 +16,7 @@ import threading
 import numpy as np
 
 from ..errors import CheckpointError
+from .pread import fetch_shard
 from .safetensors_header import TensorInfo
 
 _PAGE = mmap.PAGESIZE
@@ -31,6 +32,8 @@ class MappedFiles:
         self._populate = hasattr(mmap.mmap, "madvise")  # MADV_POPULATE_READ still untried or working
 
     def _map(self, info: TensorInfo) -> mmap.mmap:
+        if info.file not in self._maps:
+            fetch_shard(info.file)  # a Hub shard known by its header alone: downloaded outside the lock
         with self._lock:
             m = self._maps.get(info.file)
             if m is None:

@@ -65,6 +65,14 @@ def read_header(path: str) -> tuple[dict[str, TensorInfo], dict[str, str]]:
             raw = f.read(n)
     except OSError as e:
         raise CheckpointError(f"cannot read: {e.strerror or e}", file=path) from e
+    return parse_header(raw, size, path)
+
+
+def parse_header(raw: bytes, size: int, path: str) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+    """``(tensors, metadata)`` from the JSON header bytes of a safetensors file of ``size`` bytes
+    (read here from a file, or over HTTP by a ranged request for a Hub shard), checked as
+    :func:`read_header` checks them; ``path`` is where the file is (or will be, once downloaded)."""
+    n = len(raw)
     try:
         header = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:

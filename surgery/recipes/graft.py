@@ -118,6 +118,7 @@ def _learned(ckpts, names, topk: TopK, output, recipe: dict, *, mask_out, data, 
 
     import torch
 
+    from ..io.pread import fetch_shard
     from ..learned_graft import learn_mask, read_jsonl
     from ..ops.sparse import selected, tie_quota
 
@@ -130,6 +131,8 @@ def _learned(ckpts, names, topk: TopK, output, recipe: dict, *, mask_out, data, 
                           lambda *piece: piece[-1])
         basepatch[n] = torch.cat(pieces).reshape(b.resolve(n).shape)
     dev = "cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device)
+    for file in f.files:  # transformers loads the fine-tune whole: a Hub shard known by its header comes now
+        fetch_shard(file)
     learned = learn_mask(b.source, str(f.root), names, basepatch, data=read_jsonl(data, task),
                          eval_data=read_jsonl(eval_data, task) if eval_data else None, task=task, epochs=epochs,
                          lr=lr, sigmoid_bias=sigmoid_bias, batch_size=batch_size, seed=seed, device=dev)
