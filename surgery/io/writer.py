@@ -16,6 +16,7 @@ import numpy as np
 
 from ..errors import PlanError
 from .safetensors_header import DTYPE_SIZES
+from .writeback import Writeback
 
 DEFAULT_MAX_SHARD_SIZE = 5_000_000_000
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
@@ -103,8 +104,10 @@ class ShardWriter:
         self.shard = shard
         self.path = folder / shard.filename
         self._next = 0
-        self._file = open(self.path, "wb")
-        self._file.write(shard.header_bytes())
+        self._file = open(self.path, "wb", buffering=0)  # tensors are large: written straight from their buffers
+        header = shard.header_bytes()
+        _write_all(self._file, memoryview(header))
+        self._writeback = Writeback(self._file.fileno(), len(header))
 
     def write(self, name: str, tensor) -> None:
         """Append ``tensor``: a torch tensor, or a flat numpy array in the spec's storage dtype
@@ -126,7 +129,8 @@ class ShardWriter:
                                 f"{spec.dtype}{list(spec.shape)}")
             data = tensor.detach().contiguous().cpu().reshape(-1).view(torch_uint8()).numpy() if spec.nbytes else None
         if spec.nbytes:
-            self._file.write(memoryview(data))
+            _write_all(self._file, memoryview(data))
+            self._writeback.wrote(spec.nbytes, final=self._next + 1 == len(self.shard.tensors))
         self._next += 1
         if self._next == len(self.shard.tensors):
             self.close()
@@ -139,6 +143,13 @@ class ShardWriter:
         if not self._file.closed:
             self._file.flush()
             self._file.close()
+
+
+def _write_all(file, view: memoryview) -> None:
+    """An unbuffered ``write`` may write less than asked (large buffers, signals): loop until done."""
+    while view:
+        n = file.write(view)
+        view = view[n:]
 
 
 def torch_uint8():
