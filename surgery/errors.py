@@ -49,3 +49,8 @@ class ScoreError(SurgeryError):
 
 class PlanError(SurgeryError):
     """A plan refers to an unknown operation, bad parameters or a missing input."""
+
+
+class PushError(SurgeryError):
+    """A push cannot start (folder incomplete, no token, bad repo id) or stopped; rerunning resumes it."""
+
