@@ -3,6 +3,7 @@ deterministic ties, mask files and their reports."""
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -162,3 +163,31 @@ def test_a_mask_file_that_contradicts_its_metadata_is_refused(tmp_path):
     save_np({"w": np.zeros(8, np.uint8)}, str(tmp_path / "plain.safetensors"))
     with pytest.raises(SurgeryError, match="not a surgery mask"):
         stats(tmp_path / "plain.safetensors")
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
+def test_narrow_differences_have_the_same_float32_magnitudes_in_float32(dtype):
+    """The selection of narrow floats' differences runs in float32 (engine.topk.narrow_difference):
+    its magnitude bits must equal those of the float64 difference rounded to float32, including
+    for operands whose exponents are far apart, subnormals, zeros, infinities and NaNs."""
+    from surgery.ops.common import magnitude_bits
+
+    g = torch.Generator().manual_seed(0)
+    n = 1 << 18
+    kind = getattr(torch, dtype)
+    info = torch.finfo(kind)
+    # magnitudes spread over the whole exponent range, both signs, plus a near copy of each value
+    exps = torch.randint(int(math.log2(info.tiny)) - 8, int(math.log2(info.max)), (n,), generator=g).double()
+    a = (torch.rand(n, generator=g, dtype=torch.float64) + 1) * torch.exp2(exps) * torch.where(
+        torch.rand(n, generator=g) < 0.5, -1.0, 1.0)
+    b = torch.where(torch.rand(n, generator=g) < 0.5, a * (1 + 1e-3 * torch.randn(n, generator=g, dtype=torch.float64)),
+                    torch.flip(a, [0]))
+    special = torch.tensor([0.0, -0.0, float("inf"), -float("inf"), float("nan"), info.tiny, -info.tiny,
+                            info.tiny / 4, info.max, -info.max], dtype=torch.float64)
+    a = torch.cat([a, special, special]).to(kind)
+    b = torch.cat([b, special, torch.flip(special, [0])]).to(kind)
+    narrow = magnitude_bits(a.float() - b.float())
+    wide = magnitude_bits(a.double() - b.double())
+    both_nan = torch.isnan(a.float() - b.float()) & torch.isnan(a.double() - b.double())
+    assert torch.equal(narrow[~both_nan], wide[~both_nan])
+    assert torch.equal(narrow[both_nan] >= 0x7F800001, torch.ones_like(narrow[both_nan], dtype=torch.bool))
