@@ -188,15 +188,14 @@ def make_start(work: Path, tokenizer) -> Path:
     return folder
 
 
-def fine_tune(start: Path, out: Path, train: list[tuple[str, int]], tokenizer, *, seed: int, lr: float,
-              steps: int, batch: int) -> Path:
-    """Fine-tune from ``start`` (seed sets data order and dropout) and save_pretrained into ``out``."""
+def train_steps(model, train: list[tuple[str, int]], tokenizer, *, seed: int, lr: float, steps: int,
+                batch: int) -> None:
+    """The fine-tuning loop, on the parameters of ``model`` that require gradients: AdamW (weight
+    decay 0.01), 10% linear warm-up then linear decay, gradients clipped at 1. ``seed`` orders the
+    batches; dropout draws from torch's generator as the caller seeded it."""
     import torch
 
-    torch.manual_seed(seed)
     order = random.Random(seed)
-    model = load_classifier(start)
-    model.bert.embeddings.word_embeddings.weight.requires_grad_(False)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
     warmup = max(1, steps // 10)
@@ -218,6 +217,17 @@ def fine_tune(start: Path, out: Path, train: list[tuple[str, int]], tokenizer, *
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
+
+
+def fine_tune(start: Path, out: Path, train: list[tuple[str, int]], tokenizer, *, seed: int, lr: float,
+              steps: int, batch: int) -> Path:
+    """Fine-tune from ``start`` (seed sets data order and dropout) and save_pretrained into ``out``."""
+    import torch
+
+    torch.manual_seed(seed)
+    model = load_classifier(start)
+    model.bert.embeddings.word_embeddings.weight.requires_grad_(False)
+    train_steps(model, train, tokenizer, seed=seed, lr=lr, steps=steps, batch=batch)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out

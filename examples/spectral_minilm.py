@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import re
 import statistics
 import subprocess
@@ -53,7 +52,7 @@ warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", categ
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from minilm_common import minilm_folder, prepare_run  # noqa: E402
-from soup_minilm import accuracy, load_classifier, make_splits, make_start  # noqa: E402
+from soup_minilm import accuracy, load_classifier, make_splits, make_start, train_steps  # noqa: E402
 
 SEED = 1234
 TRAIN_SEED = 1  # data order, dropout and the LoRA A init: the same for all three runs
@@ -100,28 +99,7 @@ def train(model, train_data, tokenizer, *, seed: int, lr: float, steps: int, bat
     import torch
 
     torch.manual_seed(seed)
-    order = random.Random(seed)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
-    warmup = max(1, steps // 10)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: (s + 1) / warmup if s < warmup else max(0.0, (steps - s) / (steps - warmup)))
-    model.train()
-    idx: list[int] = []
-    for _ in range(steps):
-        if len(idx) < batch:
-            more = list(range(len(train_data)))
-            order.shuffle(more)
-            idx += more
-        chunk = [train_data[i] for i in idx[:batch]]
-        idx = idx[batch:]
-        enc = tokenizer([t for t, _ in chunk], return_tensors="pt", padding=True)
-        loss = model(**enc, labels=torch.tensor([y for _, y in chunk])).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
+    train_steps(model, train_data, tokenizer, seed=seed, lr=lr, steps=steps, batch=batch)
     model.eval()
     return model
 
