@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import typer
 
-from . import hub_cmds, inspect_cmd, lora_cmds, soup_cmd, sparse_cmds, spectral_cmd, task_vector_cmds
+from . import hub_cmds, inspect_cmd, lora_cmds, run_cmd, soup_cmd, sparse_cmds, spectral_cmd, task_vector_cmds, verify_cmd
 
 # Plain help text: rich-rendered help costs a quarter second of imports on every --help.
 app = typer.Typer(name="surgery", no_args_is_help=True, add_completion=False, rich_markup_mode=None,
@@ -21,6 +21,8 @@ app.add_typer(sparse_cmds.sft_app, name="sft")
 app.command("spectral")(spectral_cmd.spectral)
 app.add_typer(lora_cmds.lora_app, name="lora")
 app.command("push")(hub_cmds.push)
+app.command("run")(run_cmd.run)
+app.command("verify")(verify_cmd.verify)
 
 
 def _print_version(value: bool) -> None:
@@ -38,4 +40,9 @@ def _root(version: bool = typer.Option(False, "--version", is_eager=True, callba
 
 
 def main() -> None:
+    import sys
+
+    import surgery.card
+
+    surgery.card.COMMAND = ["surgery", *sys.argv[1:]]  # recorded in model cards as run, paths as given
     app()

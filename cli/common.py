@@ -121,3 +121,41 @@ def pushes(output: str = "output"):
         return run
 
     return decorate
+
+
+PRINT_RECIPE = typer.Option(False, "--print-recipe",
+                            help="Print the equivalent one-step recipe (YAML for `surgery run`) and exit without computing.")
+
+
+def prints_recipe(to_step):
+    """Give a writing command the option ``--print-recipe``: ``to_step(kwargs)`` maps the command's
+    arguments to ``(op, params)``, and the one-step recipe that replays the command is printed
+    instead of running it (``surgery run`` of it writes the same bytes). One definition for every
+    writing command; apply it above ``@pushes()``."""
+
+    def decorate(command):
+        signature = inspect.signature(command)
+        extra = inspect.Parameter("print_recipe", inspect.Parameter.KEYWORD_ONLY, default=PRINT_RECIPE,
+                                  annotation=bool)
+
+        @functools.wraps(command)
+        def run(*args, print_recipe: bool = False, **kwargs):
+            if not print_recipe:
+                return command(*args, **kwargs)
+            if kwargs.get("push_to") is not None:
+                fail("--print-recipe writes nothing; --push-to has nothing to push")
+            if kwargs.get("dry_run"):
+                fail("--print-recipe prints a recipe that writes a model; drop --dry-run")
+            op, params = to_step(kwargs)
+            with reported_errors():
+                from surgery.recipes.graph import one_step_recipe, recipe_yaml
+
+                recipe = one_step_recipe(op, params, kwargs.get("output"), dtype=kwargs.get("dtype"),
+                                         max_shard_size=kwargs.get("max_shard_size"))
+                typer.echo(recipe_yaml(recipe), nl=False)
+
+        run.__signature__ = signature.replace(parameters=[*signature.parameters.values(), extra])
+        run.__annotations__ = {**getattr(command, "__annotations__", {}), "print_recipe": bool}
+        return run
+
+    return decorate

@@ -7,9 +7,17 @@ from typing import List, Optional
 import typer
 
 from .common import (ALLOW_PICKLE, CONFIG_HELP, DEVICE, DTYPE_HELP, FORCE, OUTPUT, QUIET, SHARD, fail, parse_floats,
-                     pushes, reported_errors, tensor_progress)
+                     prints_recipe, pushes, reported_errors, tensor_progress)
 
 
+def _soup_step(kw: dict):
+    if kw.get("greedy"):
+        fail("--print-recipe: a greedy soup scores candidates between passes and has no recipe form")
+    return "soup", {"models": kw["inputs"], "weights": parse_floats(kw.get("weights"), "--weights"),
+                    "normalize": kw["normalize"], "base": kw.get("base"), "config_from": kw.get("config_from")}
+
+
+@prints_recipe(_soup_step)
 @pushes()
 def soup(
     inputs: List[str] = typer.Argument(..., help="Checkpoints: folders, .safetensors files or Hub ids org/name[@rev]."),

@@ -7,14 +7,22 @@ from typing import List, Optional
 
 import typer
 
-from .common import ALLOW_PICKLE, CONFIG_HELP, DEVICE, DTYPE_HELP, FORCE, OUTPUT, QUIET, SHARD, fail, pushes, \
-    reported_errors, tensor_progress
+from .common import ALLOW_PICKLE, CONFIG_HELP, DEVICE, DTYPE_HELP, FORCE, OUTPUT, QUIET, SHARD, fail, prints_recipe, \
+    pushes, reported_errors, tensor_progress
 
 INCLUDE = typer.Option(None, "--include", help="Regex (searched in tensor names) of tensors to select; repeatable.")
 EXCLUDE = typer.Option(None, "--exclude", help="Regex of tensors to leave out; repeatable.")
 K = typer.Option(None, "--k", help="Keep exactly this many entries (instead of a fraction).")
 
 
+def _graft_step(kw: dict):
+    if kw.get("mask") is not None or kw.get("learn") or kw.get("mask_out") is not None:
+        fail("--print-recipe: only a top-k graft (no --mask, --mask-out or --learn) has a recipe form")
+    return "graft", {"base": kw["base"], "ft": kw["ft"], "sparsity": kw.get("sparsity"), "k": kw.get("k"),
+                     "include": kw.get("include"), "exclude": kw.get("exclude")}
+
+
+@prints_recipe(_graft_step)
 @pushes()
 def graft(
     base: str = typer.Option(..., "--base", help="The pretrained model."),
@@ -161,5 +169,11 @@ def _sft_command(revert: bool):
     return command
 
 
-sft_app.command("apply")(pushes()(_sft_command(False)))
-sft_app.command("revert")(pushes()(_sft_command(True)))
+def _sft_step(revert: bool):
+    return lambda kw: ("sft_revert" if revert else "sft_apply",
+                       {"model": kw["model"], "sfts": kw["sfts"], "allow_pickle": kw["allow_pickle"],
+                        "config_from": kw.get("config_from")})
+
+
+sft_app.command("apply")(prints_recipe(_sft_step(False))(pushes()(_sft_command(False))))
+sft_app.command("revert")(prints_recipe(_sft_step(True))(pushes()(_sft_command(True))))

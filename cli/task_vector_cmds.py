@@ -6,10 +6,11 @@ from typing import List, Optional
 
 import typer
 
-from .common import (DEVICE, DTYPE_HELP, FORCE, OUTPUT, QUIET, SHARD, fail, parse_floats, pushes, reported_errors,
-                     tensor_progress)
+from .common import (DEVICE, DTYPE_HELP, FORCE, OUTPUT, QUIET, SHARD, fail, parse_floats, prints_recipe, pushes,
+                     reported_errors, tensor_progress)
 
 
+@prints_recipe(lambda kw: ("diff", {"ft": kw["ft"], "base": kw["base"]}))
 @pushes()
 def diff(
     ft: str = typer.Argument(..., help="Fine-tuned checkpoint."),
@@ -30,6 +31,7 @@ def diff(
     typer.echo(f"wrote {out}")
 
 
+@prints_recipe(lambda kw: ("transfer", {"to": kw["to"], "source_base": kw.get("source_base"), "source_ft": kw.get("source_ft"), "diff": kw.get("diff_path"), "scale": kw["scale"], "keep_target": kw["keep_target"]}))
 @pushes()
 def transfer(
     to: str = typer.Option(..., "--to", help="The new base to move the fine-tune onto."),
@@ -55,6 +57,11 @@ def transfer(
     typer.echo(f"wrote {out}")
 
 
+@prints_recipe(lambda kw: ("merge", {"base": kw["base"], "models": kw["models"], "method": kw["method"],
+                                        "weights": parse_floats(kw.get("weights"), "--weights"),
+                                        "density": kw.get("density"), "lambda": kw["lam"], "scope": kw["scope"],
+                                        "seed": kw["seed"], "lines": kw["lines"], "alpha": kw.get("alpha"),
+                                        "beta": kw["beta"]}))
 @pushes()
 def merge(
     models: List[str] = typer.Argument(..., help="Fine-tunes of the base."),
@@ -94,6 +101,7 @@ def merge(
         typer.echo(f"wrote {out}")
 
 
+@prints_recipe(lambda kw: ("lines", {"base": kw["base"], "ft": kw["ft"], "alpha": kw["alpha"], "beta": kw["beta"]}))
 @pushes()
 def lines(
     base: str = typer.Option(..., "--base", help="The pretrained base."),

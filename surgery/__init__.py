@@ -33,6 +33,8 @@ _API = {
     "SpectralResult": "surgery.spectral",
     "push": "surgery.hub",
     "PushResult": "surgery.hub",
+    "verify": "surgery.verify",
+    "VerifyResult": "surgery.verify",
 }
 
 __all__ = sorted(_API) + ["__version__"]

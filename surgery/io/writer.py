@@ -6,6 +6,7 @@ tensor, whatever the shard size. Files carry their final names and ``{"format": 
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import re
@@ -106,6 +107,7 @@ class ShardWriter:
         self._next = 0
         self._file = open(self.path, "wb", buffering=0)  # tensors are large: written straight from their buffers
         header = shard.header_bytes()
+        self._sha = hashlib.sha256(header)  # the file's sha256, over bytes on their way to disk
         _write_all(self._file, memoryview(header))
         self._writeback = Writeback(self._file.fileno(), len(header))
 
@@ -129,6 +131,7 @@ class ShardWriter:
                                 f"{spec.dtype}{list(spec.shape)}")
             data = tensor.detach().contiguous().cpu().reshape(-1).view(torch_uint8()).numpy() if spec.nbytes else None
         if spec.nbytes:
+            self._sha.update(data)
             _write_all(self._file, memoryview(data))
             self._writeback.wrote(spec.nbytes, final=self._next + 1 == len(self.shard.tensors))
         self._next += 1
@@ -143,6 +146,12 @@ class ShardWriter:
         if not self._file.closed:
             self._file.flush()
             self._file.close()
+            if self.done:
+                SHARD_SHA256[str(self.path)] = self._sha.hexdigest()
+
+
+# sha256 of every shard file a ShardWriter completed, by path (``run_plan`` takes its outputs' from here)
+SHARD_SHA256: dict[str, str] = {}
 
 
 def _write_all(file, view: memoryview) -> None:

@@ -7,7 +7,7 @@ from pathlib import Path
 from ..io.output import copy_sidecars
 from ..io.writer import DEFAULT_MAX_SHARD_SIZE
 from ..lazy import DELTA_MANIFEST, FT_SIDECARS, TaskVector
-from .run import parse_dtype, run_plan
+from .run import run_plan
 
 
 def save_delta(tv: TaskVector, output, *, dtype: str | None = None, device: str = "auto",
@@ -52,8 +52,16 @@ def _one_precision_up(lazy):
     return replace(lazy, tensors=tensors)
 
 
+def build_diff(ft, base, *, dtype: str | None = None):
+    """``ft - base`` as a :class:`~surgery.recipes.graph.Built` task vector (either may be a recipe step)."""
+    from .graph import Built, task_vector
+
+    tv = task_vector(ft, base)
+    return Built(tv.lazy, {}, delta=tv, dtype=dtype, compute_dtype="F64")
+
+
 def diff(ft, base, output, *, dtype: str | None = None, device: str = "auto", max_shard_size=DEFAULT_MAX_SHARD_SIZE,
          force: bool = False, progress=None) -> Path:
     """Library form of ``surgery diff FT BASE -o OUT``: save ``ft - base``."""
-    return save_delta(TaskVector.between(ft, base), output, dtype=parse_dtype(dtype), device=device,
-                      max_shard_size=max_shard_size, force=force, progress=progress)
+    return build_diff(ft, base, dtype=dtype).save(output, device=device, max_shard_size=max_shard_size, force=force,
+                                                 progress=progress)

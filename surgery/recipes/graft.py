@@ -40,6 +40,39 @@ def graft(base, ft, output, *, sparsity: float | None = None, k: int | None = No
         return _graft_with_mask_file(ckpts, Path(mask), output, {"operation": "graft", "mask": str(mask)},
                                      dtype=dtype, device=device, max_shard_size=max_shard_size, force=force,
                                      progress=progress)
+    built = build_graft(b, f, sparsity=sparsity, k=k, include=include, exclude=exclude, dtype=dtype, device=device)
+    if learn:
+        return _learned(ckpts, built.info["names"], built.info["topk"], output, built.recipe, mask_out=mask_out,
+                        data=data, eval_data=eval_data, task=task, epochs=epochs, lr=lr, sigmoid_bias=sigmoid_bias,
+                        batch_size=batch_size, seed=seed, dtype=dtype, device=device, max_shard_size=max_shard_size,
+                        force=force, progress=progress)
+    if mask_out is None:
+        return built.save(output, device=device, max_shard_size=max_shard_size, force=force, progress=progress)
+    plan = built.plan(max_shard_size)
+    topk, names = built.info["topk"], built.info["names"]
+    with OutputFile(mask_out, [c.root for c in ckpts], force) as tmp_mask:
+        writer = _mask_writer(tmp_mask, plan, topk, names, plan.recipe)
+        tap = _mask_tap(writer, set(names), topk, ckpts)
+        out = run_plan(plan, output, ckpts, force=force, config_from=1, tokenizer_from=f.root,
+                       tags=("graft",), device=device, progress=progress, tap=tap)
+        writer.close()
+    return out
+
+
+def build_graft(base, ft, *, sparsity: float | None = None, k: int | None = None, include: Sequence[str] = (),
+                exclude: Sequence[str] = (), dtype: str | None = None, device: str = "auto"):
+    """The top-k graft as a lazy :class:`~surgery.recipes.graph.Built` (its two statistics passes
+    run here). ``base`` and ``ft`` are checkpoints: the exact top-k reads stored tensors."""
+    from ..lazy import Lazy
+    from .graph import Built, is_built
+
+    if is_built(base) or is_built(ft):
+        raise PlanError("graft takes checkpoints as base and ft (its top-k passes read stored tensors); "
+                        "save that step (save: PATH) and graft the saved model")
+    if (sparsity is None) == (k is None):
+        raise PlanError("give one of sparsity and k")
+    ckpts = open_checkpoints([base, ft])
+    b, f = ckpts
     names = candidates(b, f, include, exclude)
     total = sum(numel(f, n) for n in names)
     keep = keep_count(total, sparsity, k)
@@ -48,26 +81,13 @@ def graft(base, ft, output, *, sparsity: float | None = None, k: int | None = No
     recipe = {"operation": "graft", "base": b.source, "ft": f.source, "sparsity": sparsity, "k": keep,
               "selected_entries": total, "threshold": topk.threshold, "include": list(include),
               "exclude": list(exclude), "dtype": dtype}
-    if learn:
-        return _learned(ckpts, names, topk, output, recipe, mask_out=mask_out, data=data, eval_data=eval_data,
-                        task=task, epochs=epochs, lr=lr, sigmoid_bias=sigmoid_bias, batch_size=batch_size,
-                        seed=seed, dtype=dtype, device=device, max_shard_size=max_shard_size, force=force,
-                        progress=progress)
     # a graft only picks stored entries; its arithmetic is the selection, which float32 decides
     # exactly for narrow inputs (see engine.topk.narrow_difference)
     precision = "F32" if all(narrow_difference(e, ckpts) for _, (e,) in items) else "F64"
-    plan = Plan([c.source for c in ckpts], _tensors(b, f, parse_dtype(dtype), {n: _graft_expr(n, topk) for n in names}),
-                max_shard_size, recipe=recipe, compute_dtype=precision)
-    if mask_out is None:
-        return run_plan(plan, output, ckpts, force=force, config_from=1, tokenizer_from=f.root,
-                        tags=("graft",), device=device, progress=progress)
-    with OutputFile(mask_out, [c.root for c in ckpts], force) as tmp_mask:
-        writer = _mask_writer(tmp_mask, plan, topk, names, recipe)
-        tap = _mask_tap(writer, set(names), topk, ckpts)
-        out = run_plan(plan, output, ckpts, force=force, config_from=1, tokenizer_from=f.root,
-                       tags=("graft",), device=device, progress=progress, tap=tap)
-        writer.close()
-    return out
+    tensors = _tensors(b, f, parse_dtype(dtype), {n: _graft_expr(n, topk) for n in names})
+    lazy = Lazy(tuple(ckpts), {t.spec.name: t for t in tensors}, {}, None, ({"graft": [b.source, f.source]},))
+    return Built(lazy, recipe, ("graft",), tokenizer_from=f.root, config_from=f.root, layout=b,
+                 compute_dtype=precision, info={"topk": topk, "names": names})
 
 
 def _graft_expr(name: str, topk: TopK):

@@ -94,6 +94,37 @@ def lines_alpha(tvs: list[TaskVector], merged: TaskVector, device: str = "auto")
     return sum_l1 / merged_l1 / len(tvs)
 
 
+def build_merge(base, models: Sequence, *, method: str = "task_arithmetic", weights: Sequence[float] | None = None,
+                density: float | None = None, lam: float = 1.0, scope: str = "tensor", seed: int = 0,
+                lines: bool = False, alpha: float | None = None, beta: float = 0.0, dtype: str | None = None,
+                device: str = "auto"):
+    """The merge as a lazy :class:`~surgery.recipes.graph.Built` (statistics passes, if any, run
+    here over the lazy expressions); ``base`` and ``models`` may be recipe steps. With ``lines``,
+    ``info["lambdas"]`` has each tensor's LiNeS lambda."""
+    from .graph import Built, is_built, label, layout_of, model_of, task_vector
+
+    opened = open_checkpoints([m for m in [base, *models] if not is_built(m)]) if not all(
+        is_built(m) for m in [base, *models]) else []
+    it = iter(opened)
+    base_c, *model_cs = [m if is_built(m) else next(it) for m in [base, *models]]
+    if not model_cs:
+        raise PlanError("merge needs at least one model besides the base")
+    tvs = [task_vector(m, base_c) for m in model_cs]
+    weights = [1.0] * len(tvs) if weights is None else list(weights)
+    merged, info = merged_vector(method, tvs, weights, density, scope, seed, device)
+    lambdas = None
+    if lines:
+        if alpha is None:
+            alpha = lines_alpha(tvs, merged, device)
+        merged, lambdas = lines_scaled(merged, alpha, beta, layout_of(base_c).config)
+        info.update(lines={"alpha": alpha, "beta": beta})
+    model = (merged * lam if lam != 1.0 else merged).apply_to(model_of(base_c, "base"))
+    recipe = {"operation": "merge", **info, "lambda": lam, "dtype": dtype, "base": label(base_c),
+              "models": [label(m) for m in model_cs]}
+    return Built.model(model, dtype=dtype, recipe=recipe, tags=("merge", method.replace("_", "-")),
+                       layout=layout_of(base_c), info={"lambdas": lambdas})
+
+
 def merge(base, models: Sequence, output, *, method: str = "task_arithmetic", weights: Sequence[float] | None = None,
           density: float | None = None, lam: float = 1.0, scope: str = "tensor", seed: int = 0,
           lines: bool = False, alpha: float | None = None, beta: float = 0.0, dtype: str | None = None,
@@ -105,37 +136,33 @@ def merge(base, models: Sequence, output, *, method: str = "task_arithmetic", we
     to the paper's rule (see :func:`lines_alpha`); ``dry_run`` returns each tensor's lambda instead
     of writing.
     """
-    ckpts = open_checkpoints([base, *models])
-    base_c, model_cs = ckpts[0], ckpts[1:]
-    if not model_cs:
-        raise PlanError("merge needs at least one model besides the base")
-    tvs = [TaskVector.between(m, base_c) for m in model_cs]
-    weights = [1.0] * len(tvs) if weights is None else list(weights)
-    merged, info = merged_vector(method, tvs, weights, density, scope, seed, device)
-    if lines:
-        if alpha is None:
-            alpha = lines_alpha(tvs, merged, device)
-        merged, lambdas = lines_scaled(merged, alpha, beta, base_c.config)
-        info.update(lines={"alpha": alpha, "beta": beta})
-        if dry_run:
-            return lambdas
-    model = (merged * lam if lam != 1.0 else merged).apply_to(base_c)
-    recipe = {"operation": "merge", **info, "lambda": lam, "dtype": dtype, "base": base_c.source,
-              "models": [m.source for m in model_cs]}
-    return model.save(output, dtype=dtype, device=device, max_shard_size=max_shard_size, force=force,
-                      progress=progress, recipe=recipe, tags=("merge", method.replace("_", "-")))
+    built = build_merge(base, models, method=method, weights=weights, density=density, lam=lam, scope=scope,
+                        seed=seed, lines=lines, alpha=alpha, beta=beta, dtype=dtype, device=device)
+    if lines and dry_run:
+        return built.info["lambdas"]
+    return built.save(output, device=device, max_shard_size=max_shard_size, force=force, progress=progress)
+
+
+def build_lines(base, ft, *, alpha: float, beta: float, dtype: str | None = None):
+    """Single-task LiNeS as a lazy :class:`~surgery.recipes.graph.Built`; ``info["lambdas"]`` has
+    each tensor's lambda. ``base`` and ``ft`` may be recipe steps."""
+    from .graph import Built, checkpoint_of, config_of, is_built, label, layout_of, model_of, task_vector
+
+    base = base if is_built(base) else checkpoint_of(base)
+    tv = task_vector(ft, base)
+    scaled, lambdas = lines_scaled(tv, alpha, beta, config_of(base) or (config_of(ft) if is_built(ft) else
+                                                                         tv.lazy.inputs[0].config))
+    recipe = {"operation": "lines", "alpha": alpha, "beta": beta, "dtype": dtype,
+              "base": label(base), "ft": label(ft)}
+    return Built.model(scaled.apply_to(model_of(base, "base")), dtype=dtype, recipe=recipe, tags=("lines",),
+                       layout=layout_of(base), info={"lambdas": lambdas})
 
 
 def lines(base, ft, output=None, *, alpha: float, beta: float, dtype: str | None = None, device: str = "auto",
           max_shard_size=DEFAULT_MAX_SHARD_SIZE, force: bool = False, progress=None, dry_run: bool = False):
     """Single-task LiNeS: ``base + lambda(l) * (ft - base)``. With ``dry_run``, return the lambda of
     every tensor instead of writing anything."""
-    tv = TaskVector.between(ft, base)
-    scaled, lambdas = lines_scaled(tv, alpha, beta, tv.lazy.inputs[1].config or tv.lazy.inputs[0].config)
+    built = build_lines(base, ft, alpha=alpha, beta=beta, dtype=dtype)
     if dry_run:
-        return lambdas
-    recipe = {"operation": "lines", "alpha": alpha, "beta": beta, "dtype": dtype,
-              "base": str(base), "ft": str(ft)}
-    return scaled.apply_to(tv.lazy.inputs[1]).save(output, dtype=dtype, device=device, max_shard_size=max_shard_size,
-                                                   force=force, progress=progress, recipe=recipe,
-                                                   tags=("lines",))
+        return built.info["lambdas"]
+    return built.save(output, device=device, max_shard_size=max_shard_size, force=force, progress=progress)

@@ -14,7 +14,7 @@ from ..io.checkpoint import open_checkpoint, open_checkpoints
 from ..ops.sparse import tie_quota
 from ..io.writer import DEFAULT_MAX_SHARD_SIZE, TensorSpec
 from ..sft import VALUE_DTYPE, SparseFineTune, metadata
-from .run import content_hash, run_plan, write_single_file
+from .run import content_hash, write_single_file
 from .selection import _compile, candidates, keep_count, numel
 
 ONE_FILE = 1 << 62  # a shard limit no SFT reaches: the SFT is one file
@@ -84,42 +84,58 @@ def apply(model, sfts: Sequence, output, *, revert: bool = False, allow_pickle: 
     tensors on apply and are left alone on revert. composable-sft ``pytorch_diff.bin`` files (or
     folders holding one) are read with ``allow_pickle``."""
     with tempfile.TemporaryDirectory(prefix="surgery-sft-") as scratch:
-        opened = [_open_sft(s, allow_pickle, Path(scratch) / f"{i}.sft") for i, s in enumerate(sfts)]
-        m = open_checkpoint(model, allow_pickle=allow_pickle)
-        ckpts = [m] + [s.checkpoint for s in opened]
-        sign = -1.0 if revert else 1.0
-        parts: dict[str, list[tuple[int, str]]] = {}
-        added: dict[str, tuple[int, dict]] = {}
-        problems = []
-        for j, s in enumerate(opened, start=1):
-            for n, t in s.tensors.items():
-                target = m.resolve(n)
-                if t["kind"] == "absolute":
-                    if revert:
-                        continue  # the base's own values are not in the SFT: nothing to restore
-                    if target is not None:
-                        parts.setdefault(n, []).append((j, "absolute"))
-                    else:
-                        added[n] = (j, t)
-                    continue
-                if target is None:
-                    problems.append(f"{s.checkpoint.source}: tensor {n} is not in the model {m.source}")
-                elif list(target.shape) != list(t["shape"]):
-                    problems.append(f"{s.checkpoint.source}: tensor {n} has shape {t['shape']}, "
-                                    f"the model's is {list(target.shape)}")
+        built = build_apply(model, sfts, revert=revert, allow_pickle=allow_pickle, config_from=config_from,
+                            scratch=Path(scratch))
+        return built.save(output, device=device, max_shard_size=max_shard_size, force=force, progress=progress)
+
+
+def build_apply(model, sfts: Sequence, *, revert: bool = False, allow_pickle: bool = False, config_from=None,
+                scratch: Path):
+    """The SFT sum as a lazy :class:`~surgery.recipes.graph.Built`, valid while ``scratch`` (where
+    pickled composable-sft files are converted) exists. ``model`` is a checkpoint."""
+    from ..lazy import Lazy
+    from .graph import Built, is_built
+
+    if is_built(model):
+        raise PlanError("sft apply/revert takes a checkpoint as its model; save that step (save: PATH) first")
+    opened = [_open_sft(s, allow_pickle, scratch / f"{i}.sft") for i, s in enumerate(sfts)]
+    from ..io.checkpoint import Checkpoint
+
+    m = model if isinstance(model, Checkpoint) else open_checkpoint(model, allow_pickle=allow_pickle)
+    ckpts = [m] + [s.checkpoint for s in opened]
+    sign = -1.0 if revert else 1.0
+    parts: dict[str, list[tuple[int, str]]] = {}
+    added: dict[str, tuple[int, dict]] = {}
+    problems = []
+    for j, s in enumerate(opened, start=1):
+        for n, t in s.tensors.items():
+            target = m.resolve(n)
+            if t["kind"] == "absolute":
+                if revert:
+                    continue  # the base's own values are not in the SFT: nothing to restore
+                if target is not None:
+                    parts.setdefault(n, []).append((j, "absolute"))
                 else:
-                    parts.setdefault(n, []).append((j, t["kind"]))
-        if problems:
-            raise PlanError("; ".join(problems))
-        tensors = [OutputTensor(TensorSpec(n, info.dtype, tuple(info.shape)), _expr(n, parts.get(n, []), sign))
-                   for n, info in m.tensors.items()]
-        tensors += [OutputTensor(TensorSpec(n, t["dtype"], tuple(t["shape"])), Ref(j, n + ".absolute"))
-                    for n, (j, t) in added.items()]
-        recipe = {"operation": "sft_revert" if revert else "sft_apply", "model": m.source,
-                  "sfts": [str(s) for s in sfts], "sft_bases": [s.base for s in opened]}
-        plan = Plan([c.source for c in ckpts], tensors, max_shard_size, recipe=recipe, compute_dtype="F64")
-        return run_plan(plan, output, ckpts, force=force, config_from=config_from if config_from is not None else 0,
-                        tags=("sft",), device=device, progress=progress)
+                    added[n] = (j, t)
+                continue
+            if target is None:
+                problems.append(f"{s.checkpoint.source}: tensor {n} is not in the model {m.source}")
+            elif list(target.shape) != list(t["shape"]):
+                problems.append(f"{s.checkpoint.source}: tensor {n} has shape {t['shape']}, "
+                                f"the model's is {list(target.shape)}")
+            else:
+                parts.setdefault(n, []).append((j, t["kind"]))
+    if problems:
+        raise PlanError("; ".join(problems))
+    tensors = [OutputTensor(TensorSpec(n, info.dtype, tuple(info.shape)), _expr(n, parts.get(n, []), sign))
+               for n, info in m.tensors.items()]
+    tensors += [OutputTensor(TensorSpec(n, t["dtype"], tuple(t["shape"])), Ref(j, n + ".absolute"))
+                for n, (j, t) in added.items()]
+    recipe = {"operation": "sft_revert" if revert else "sft_apply", "model": m.source,
+              "sfts": [str(s) for s in sfts], "sft_bases": [s.base for s in opened]}
+    lazy = Lazy(tuple(ckpts), {t.spec.name: t for t in tensors}, {}, None, ({"sft": recipe["operation"]},))
+    sidecars = config_from if config_from is not None else m.root
+    return Built(lazy, recipe, ("sft",), config_from=sidecars, layout=m, compute_dtype="F64")
 
 
 def revert(model, sfts: Sequence, output, **kwargs) -> Path:

@@ -1,6 +1,7 @@
 """Model soups: uniform, weighted and greedy (Wortsman et al., 2022)."""
 from __future__ import annotations
 
+import json
 import math
 import os
 import shlex
@@ -11,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
-from ..card import write_card
+from ..card import RECIPE_FILE, write_card
 from ..engine.align import align
 from ..engine.plan import Call, OutputTensor, Plan, Ref
 from ..errors import PlanError, ScoreError
@@ -19,7 +20,7 @@ from ..io.checkpoint import Checkpoint
 from ..io.output import OutputFolder, check_output
 from ..io.writer import DEFAULT_MAX_SHARD_SIZE, TensorSpec
 from ..io.checkpoint import open_checkpoints as open_inputs
-from .run import parse_dtype, run_plan
+from .run import parse_dtype
 
 
 def soup_weights(n: int, weights: Sequence[float] | None, normalize: bool) -> list[float]:
@@ -64,6 +65,84 @@ def plan_soup(ckpts: list[Checkpoint], weights: list[float], dtype: str | None =
     return plan, overrides
 
 
+def build_soup(inputs, *, weights: Sequence[float] | None = None, normalize: bool = True, dtype: str | None = None,
+               config_from=None, allow_pickle: bool = False, base=None, extra_recipe: dict | None = None):
+    """The soup as a lazy :class:`~surgery.recipes.graph.Built`. An input may be a checkpoint, a
+    PEFT LoRA adapter (its base plus its delta: ``base``, or the one its config names) or a recipe
+    step. The soup is planned over the inputs' layouts exactly as a soup of full models, then each
+    adapter's or step's tensors are swapped in as expressions, so every input tensor is read once."""
+    from ..io.checkpoint import open_checkpoint
+    from ..lazy import remap, union_inputs
+    from ..lora import adapted, adapter_base, is_adapter, open_adapter
+    from .graph import Built, is_built, label
+
+    if isinstance(inputs, (str, os.PathLike)):
+        raise PlanError("inputs must be a list of checkpoints, not a single path")
+    if not inputs:
+        raise PlanError("no input checkpoints given")
+    slots, swaps, adapters, steps = [], {}, {}, {}
+    for i, spec in enumerate(inputs):
+        if is_built(spec):
+            if spec.delta is not None or spec.layout is None:
+                raise PlanError(f"soup input {label(spec)} is not a model laid out like a checkpoint")
+            lazy = spec.value()
+            _check_layout(spec, lazy)
+            slots.append(spec.layout)
+            swaps[i], steps[i] = lazy, spec
+            continue
+        ckpt = spec if isinstance(spec, Checkpoint) else open_checkpoint(spec, allow_pickle=allow_pickle)
+        if is_adapter(ckpt):  # an adapter opens as its weights file
+            ad = open_adapter(ckpt)
+            ckpt = adapter_base(ad, base)
+            swaps[i] = adapted(ad, ckpt).lazy
+            adapters[str(spec)] = swaps[i].inputs[0].source
+        slots.append(ckpt)
+    if base is not None and not adapters:
+        raise PlanError("base is only for LoRA adapter inputs, and no input is an adapter")
+    w = soup_weights(len(slots), weights, normalize)
+    recipe = {"operation": "soup", "weights": w, "dtype": dtype,
+              **({"adapters": adapters} if adapters else {}), **(extra_recipe or {})}
+    if steps:
+        recipe["inputs"] = [label(x) for x in inputs]
+    plan, overrides = plan_soup(slots, w, dtype, DEFAULT_MAX_SHARD_SIZE, recipe)
+    ckpts, swapped = tuple(slots), {}
+    for i, lazy in swaps.items():
+        ckpts, mapping = union_inputs(ckpts, lazy.inputs)
+        swapped[i] = {n: remap(t.expr, mapping) for n, t in lazy.tensors.items()}
+
+    def swap(expr):
+        if isinstance(expr, Ref):
+            return swapped[expr.input][expr.name] if expr.input in swapped else expr
+        return Call(expr.op, tuple(swap(a) for a in expr.args), expr.params)
+
+    tensors = {t.spec.name: OutputTensor(t.spec, swap(t.expr)) for t in plan.tensors}
+    compute = plan.compute_dtype
+    if steps and any(s.compute_dtype == "F64" for s in steps.values()):
+        compute = "F64"  # the steps' own arithmetic precision: the whole chain runs in one
+    if 0 in steps and config_from is None:  # config as the first step would have saved it
+        config_from = steps[0].config_from if steps[0].config_from is not None else steps[0].lazy.sidecars
+        overrides = {**steps[0].overrides, **overrides}
+    from ..lazy import Lazy
+
+    lazy = Lazy(ckpts, tensors, {}, None, ({"soup": [label(x) for x in inputs]},))
+    tags = ("merge", "model-soup") + (("lora",) if adapters else ())
+    return Built(lazy, recipe, tags, overrides, config_from=config_from, layout=slots[0], compute_dtype=compute)
+
+
+def _check_layout(step, lazy) -> None:
+    layout = step.layout
+    problems = []
+    for n, t in lazy.tensors.items():
+        info = layout.tensors.get(n)
+        if info is None and n in layout.tied:
+            info = layout.resolve(n)
+        if info is None or tuple(info.shape) != tuple(t.spec.shape) or info.dtype != t.spec.dtype:
+            problems.append(n)
+    if problems or len(lazy.tensors) != len(layout.tensors):
+        raise PlanError(f"soup input {step.name!r} is not laid out like {layout.source} (its names, shapes or "
+                        f"dtypes differ, e.g. {problems[:1]}); save that step (save: PATH) and soup the saved model")
+
+
 def soup(inputs, output, *, weights: Sequence[float] | None = None, normalize: bool = True, dtype: str | None = None,
          device: str = "auto", max_shard_size=DEFAULT_MAX_SHARD_SIZE, config_from=None, force: bool = False,
          allow_pickle: bool = False, progress=None, extra_recipe: dict | None = None, base=None) -> Path:
@@ -71,24 +150,11 @@ def soup(inputs, output, *, weights: Sequence[float] | None = None, normalize: b
 
     ``weights`` are normalised to sum to 1 unless ``normalize=False``; the default is uniform.
     An input may be a PEFT LoRA adapter: it counts as its base (``base``, or the one its config
-    names) plus its delta (see :func:`surgery.recipes.lora.soup`).
+    names) plus its delta (see :func:`build_soup`).
     """
-    ckpts = open_inputs(inputs, allow_pickle)
-    from ..lora import is_adapter
-
-    if any(is_adapter(c) for c in ckpts):
-        from .lora import soup as soup_with_adapters
-
-        return soup_with_adapters(inputs, output, base=base, weights=weights, normalize=normalize, dtype=dtype,
-                                  device=device, max_shard_size=max_shard_size, config_from=config_from,
-                                  force=force, allow_pickle=allow_pickle, progress=progress)
-    if base is not None:
-        raise PlanError("base is only for LoRA adapter inputs, and no input is an adapter")
-    w = soup_weights(len(ckpts), weights, normalize)
-    recipe = {"operation": "soup", "weights": w, "dtype": dtype, **(extra_recipe or {})}
-    plan, overrides = plan_soup(ckpts, w, dtype, max_shard_size, recipe)
-    return run_plan(plan, output, ckpts, force=force, config_from=config_from, config_overrides=overrides,
-                    tags=("merge", "model-soup"), device=device, progress=progress)
+    built = build_soup(inputs, weights=weights, normalize=normalize, dtype=dtype, config_from=config_from,
+                       allow_pickle=allow_pickle, base=base, extra_recipe=extra_recipe)
+    return built.save(output, device=device, max_shard_size=max_shard_size, force=force, progress=progress)
 
 
 @dataclass
@@ -145,7 +211,10 @@ def greedy_soup(inputs, output, *, score: Callable[[str], float], dtype: str | N
             with OutputFolder(out, force) as tmp:
                 for p in best_folder.iterdir():
                     os.rename(p, tmp / p.name)
-                write_card(tmp, record, chosen, ["merge", "model-soup", "greedy-soup"], title=out.name)
+                # the candidate's own record has its inputs' content hashes and its shards' sha256
+                prior = json.loads((tmp / RECIPE_FILE).read_text())
+                write_card(tmp, record, chosen, ["merge", "model-soup", "greedy-soup"], title=out.name,
+                           inputs=prior.get("inputs"), shards=prior.get("outputs"))
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return GreedySoupResult(out, record["chosen"], own, steps, best)
