@@ -53,8 +53,8 @@ def _one_precision_up(lazy):
 
 
 def build_diff(ft, base, *, dtype: str | None = None):
-    """``ft - base`` as a :class:`~surgery.recipes.graph.Built` task vector (either may be a recipe step)."""
-    from .graph import Built, task_vector
+    """``ft - base`` as a :class:`~surgery.recipes.built.Built` task vector (either may be a recipe step)."""
+    from .built import Built, task_vector
 
     tv = task_vector(ft, base)
     return Built(tv.lazy, {}, delta=tv, dtype=dtype, compute_dtype="F64")

@@ -61,10 +61,10 @@ def graft(base, ft, output, *, sparsity: float | None = None, k: int | None = No
 
 def build_graft(base, ft, *, sparsity: float | None = None, k: int | None = None, include: Sequence[str] = (),
                 exclude: Sequence[str] = (), dtype: str | None = None, device: str = "auto"):
-    """The top-k graft as a lazy :class:`~surgery.recipes.graph.Built` (its two statistics passes
+    """The top-k graft as a lazy :class:`~surgery.recipes.built.Built` (its two statistics passes
     run here). ``base`` and ``ft`` are checkpoints: the exact top-k reads stored tensors."""
     from ..lazy import Lazy
-    from .graph import Built, is_built
+    from .built import Built, is_built
 
     if is_built(base) or is_built(ft):
         raise PlanError("graft takes checkpoints as base and ft (its top-k passes read stored tensors); "

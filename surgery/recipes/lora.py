@@ -16,8 +16,8 @@ from ..lora import adapted
 
 
 def build_merge(base, adapter, *, scale: float = 1.0, dtype: str | None = None):
-    """The merged adapter as a lazy :class:`~surgery.recipes.graph.Built` (``base`` a checkpoint)."""
-    from .graph import Built, checkpoint_of, is_built, label
+    """The merged adapter as a lazy :class:`~surgery.recipes.built.Built` (``base`` a checkpoint)."""
+    from .built import Built, checkpoint_of, is_built, label
 
     if is_built(base) or is_built(adapter):
         raise PlanError("lora merge takes a base checkpoint and an adapter, not a recipe step; "

@@ -98,10 +98,10 @@ def build_merge(base, models: Sequence, *, method: str = "task_arithmetic", weig
                 density: float | None = None, lam: float = 1.0, scope: str = "tensor", seed: int = 0,
                 lines: bool = False, alpha: float | None = None, beta: float = 0.0, dtype: str | None = None,
                 device: str = "auto"):
-    """The merge as a lazy :class:`~surgery.recipes.graph.Built` (statistics passes, if any, run
+    """The merge as a lazy :class:`~surgery.recipes.built.Built` (statistics passes, if any, run
     here over the lazy expressions); ``base`` and ``models`` may be recipe steps. With ``lines``,
     ``info["lambdas"]`` has each tensor's LiNeS lambda."""
-    from .graph import Built, is_built, label, layout_of, model_of, task_vector
+    from .built import Built, is_built, label, layout_of, model_of, task_vector
 
     opened = open_checkpoints([m for m in [base, *models] if not is_built(m)]) if not all(
         is_built(m) for m in [base, *models]) else []
@@ -144,9 +144,9 @@ def merge(base, models: Sequence, output, *, method: str = "task_arithmetic", we
 
 
 def build_lines(base, ft, *, alpha: float, beta: float, dtype: str | None = None):
-    """Single-task LiNeS as a lazy :class:`~surgery.recipes.graph.Built`; ``info["lambdas"]`` has
+    """Single-task LiNeS as a lazy :class:`~surgery.recipes.built.Built`; ``info["lambdas"]`` has
     each tensor's lambda. ``base`` and ``ft`` may be recipe steps."""
-    from .graph import Built, checkpoint_of, config_of, is_built, label, layout_of, model_of, task_vector
+    from .built import Built, checkpoint_of, config_of, is_built, label, layout_of, model_of, task_vector
 
     base = base if is_built(base) else checkpoint_of(base)
     tv = task_vector(ft, base)

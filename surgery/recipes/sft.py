@@ -91,10 +91,10 @@ def apply(model, sfts: Sequence, output, *, revert: bool = False, allow_pickle: 
 
 def build_apply(model, sfts: Sequence, *, revert: bool = False, allow_pickle: bool = False, config_from=None,
                 scratch: Path):
-    """The SFT sum as a lazy :class:`~surgery.recipes.graph.Built`, valid while ``scratch`` (where
+    """The SFT sum as a lazy :class:`~surgery.recipes.built.Built`, valid while ``scratch`` (where
     pickled composable-sft files are converted) exists. ``model`` is a checkpoint."""
     from ..lazy import Lazy
-    from .graph import Built, is_built
+    from .built import Built, is_built
 
     if is_built(model):
         raise PlanError("sft apply/revert takes a checkpoint as its model; save that step (save: PATH) first")

@@ -67,14 +67,14 @@ def plan_soup(ckpts: list[Checkpoint], weights: list[float], dtype: str | None =
 
 def build_soup(inputs, *, weights: Sequence[float] | None = None, normalize: bool = True, dtype: str | None = None,
                config_from=None, allow_pickle: bool = False, base=None, extra_recipe: dict | None = None):
-    """The soup as a lazy :class:`~surgery.recipes.graph.Built`. An input may be a checkpoint, a
+    """The soup as a lazy :class:`~surgery.recipes.built.Built`. An input may be a checkpoint, a
     PEFT LoRA adapter (its base plus its delta: ``base``, or the one its config names) or a recipe
     step. The soup is planned over the inputs' layouts exactly as a soup of full models, then each
     adapter's or step's tensors are swapped in as expressions, so every input tensor is read once."""
     from ..io.checkpoint import open_checkpoint
     from ..lazy import remap, union_inputs
     from ..lora import adapted, adapter_base, is_adapter, open_adapter
-    from .graph import Built, is_built, label
+    from .built import Built, is_built, label
 
     if isinstance(inputs, (str, os.PathLike)):
         raise PlanError("inputs must be a list of checkpoints, not a single path")

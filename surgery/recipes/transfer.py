@@ -10,8 +10,8 @@ from ..lazy import TaskVector
 
 def build_transfer(to, *, diff=None, source_base=None, source_ft=None, scale: float = 1.0,
                    keep_target: bool = False, dtype: str | None = None):
-    """The transfer as a lazy :class:`~surgery.recipes.graph.Built`; any argument may be a recipe step."""
-    from .graph import Built, checkpoint_of, is_built, label, layout_of, model_of, task_vector
+    """The transfer as a lazy :class:`~surgery.recipes.built.Built`; any argument may be a recipe step."""
+    from .built import Built, checkpoint_of, is_built, label, layout_of, model_of, task_vector
 
     to = to if is_built(to) else checkpoint_of(to)
     if (diff is None) == (source_base is None and source_ft is None):
