@@ -197,3 +197,31 @@ def cli():
         return result
 
     return invoke
+
+
+@pytest.fixture
+def hub_cache(tmp_path, monkeypatch):
+    """An offline Hugging Face cache under tmp. huggingface_hub reads its environment once, at import
+    (transformers has imported it already), so its constants are pointed at the cache as well."""
+    from huggingface_hub import constants
+
+    home = tmp_path / "hf"
+    cache = home / "hub"
+    cache.mkdir(parents=True)
+    monkeypatch.setenv("HF_HOME", str(home))
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HOME", str(home))
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    return cache
+
+
+@pytest.fixture(scope="module")
+def server():
+    """The loopback Hub of tests/hub_server.py, one per test module (tests reset its state)."""
+    from hub_server import HubServer
+
+    with HubServer() as s:
+        yield s
+

@@ -43,22 +43,6 @@ def content_hashes(monkeypatch):
     monkeypatch.setenv("SURGERY_CONTENT_HASH", "1")
 
 
-@pytest.fixture
-def hub_cache(tmp_path, monkeypatch):
-    from huggingface_hub import constants
-
-    home = tmp_path / "hf"
-    cache = home / "hub"
-    cache.mkdir(parents=True)
-    monkeypatch.setenv("HF_HOME", str(home))
-    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(constants, "HF_HOME", str(home))
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    return cache
-
-
 def test_soup_card_front_matter_hashes_and_plan(llama, tmp_path):
     out = surgery.soup([llama.base, llama.v1, llama.v2], tmp_path / "soup", max_shard_size=100_000)
     meta = front_matter(out)

@@ -15,15 +15,9 @@ from typer.testing import CliRunner
 import surgery
 from surgery.errors import CheckpointError, IncompatibleInputsError
 from _support import read_folder, write_st
-from hub_server import HubServer, use_hub
+from hub_server import use_hub
 
 FAKE_TOKEN = "hf_PullTestTokenDoNotPrint0123456789"
-
-
-@pytest.fixture(scope="module")
-def server():
-    with HubServer() as s:
-        yield s
 
 
 @pytest.fixture

@@ -17,17 +17,11 @@ from typer.testing import CliRunner
 import surgery
 from surgery.hub import PushError
 from _support import read_folder
-from hub_server import HubServer, use_hub
+from hub_server import use_hub
 
 TOKEN = "hf_SecretPushTokenNeverPrinted4242XYZ"
 # huggingface_hub's own LFS upload passes a file object as ``data=``, which httpx2 deprecates
 pytestmark = pytest.mark.filterwarnings("ignore:Use 'content=<...>':DeprecationWarning")
-
-
-@pytest.fixture(scope="module")
-def server():
-    with HubServer() as s:
-        yield s
 
 
 @pytest.fixture

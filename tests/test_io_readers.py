@@ -103,24 +103,6 @@ def test_several_safetensors_without_index(tmp_path):
 # -- Hub ------------------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def hub_cache(tmp_path, monkeypatch):
-    """An offline Hugging Face cache under tmp. huggingface_hub reads its environment once, at import
-    (transformers has imported it already), so its constants are pointed at the cache as well."""
-    from huggingface_hub import constants
-
-    home = tmp_path / "hf"
-    cache = home / "hub"
-    cache.mkdir(parents=True)
-    monkeypatch.setenv("HF_HOME", str(home))
-    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(constants, "HF_HOME", str(home))
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    return cache
-
-
 @pytest.mark.parametrize("revision", ["", "@" + COMMIT, "@main"])
 def test_hub_id_single_file(qwen2, hub_cache, revision):
     snap = make_hub_cache(hub_cache, "tiny-org/qwen2-tied", qwen2.base, COMMIT)
