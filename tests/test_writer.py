@@ -157,3 +157,83 @@ def test_writer_writes_non_contiguous_tensors(tmp_path):
     w.write("t", t)
     assert w.done
     assert torch.equal(load_file(str(tmp_path / "model.safetensors"))["t"], t)
+
+
+def _direct_supported(folder) -> bool:
+    import os
+
+    if not getattr(os, "O_DIRECT", 0):
+        return False
+    try:
+        os.close(os.open(folder / ".probe", os.O_WRONLY | os.O_CREAT | os.O_DIRECT, 0o644))
+    except OSError:
+        return False
+    finally:
+        (folder / ".probe").unlink(missing_ok=True)
+    return True
+
+
+def _big_tensors():
+    """Odd sizes around a small staging buffer: tensors inside one flush, across several, and an empty one."""
+    g = torch.Generator().manual_seed(3)
+    return {"a": torch.randn(1000, generator=g), "b": torch.randn(3 * 4096 + 7, generator=g).to(torch.bfloat16),
+            "c": torch.zeros(0), "d": torch.randint(0, 9, (12345,), generator=g, dtype=torch.int8),
+            "e": torch.randn(5, 4099, generator=g, dtype=torch.float64)}
+
+
+@pytest.mark.parametrize("stage", [8192, 1 << 20])
+def test_direct_and_page_cache_writes_give_the_same_file(tmp_path, monkeypatch, stage):
+    """Direct writes go through an aligned staging buffer whose last block is padded, then the file
+    is cut to its length: the bytes equal a plain write's, and safetensors reads them back."""
+    import surgery.io.sink as sink
+    from surgery.io.writer import SHARD_SHA256
+    import hashlib
+
+    monkeypatch.setattr(sink, "STAGE_BYTES", stage)
+    tensors = _big_tensors()
+    shards = plan_shards(_specs(tensors))
+    files = {}
+    for mode in ("1", "0"):
+        monkeypatch.setenv(sink.DIRECT_ENV, mode)
+        folder = tmp_path / f"direct{mode}"
+        folder.mkdir()
+        w = ShardWriter(folder, shards[0])
+        assert w._sink.direct == (mode == "1" and _direct_supported(folder))
+        for spec in shards[0].tensors:
+            w.write(spec.name, tensors[spec.name])
+        files[mode] = (folder / "model.safetensors").read_bytes()
+        assert SHARD_SHA256[str(folder / "model.safetensors")] == hashlib.sha256(files[mode]).hexdigest()
+    assert files["1"] == files["0"]
+    got = load_file(str(tmp_path / "direct1" / "model.safetensors"))
+    assert all(torch.equal(got[k], v) for k, v in tensors.items())
+
+
+def test_direct_write_refused_midway_carries_on_through_the_page_cache(tmp_path, monkeypatch):
+    """A filesystem that refuses a direct write after accepting the open (EINVAL): the rest of the
+    file goes through the page cache from the same offset, and the file is whole."""
+    import errno
+    import os
+
+    import surgery.io.sink as sink
+
+    if not _direct_supported(tmp_path):
+        pytest.skip("this filesystem takes no direct writes")
+    monkeypatch.setattr(sink, "STAGE_BYTES", 8192)
+    real_write, calls = os.write, []
+
+    def refusing(fd, data):
+        calls.append(len(data))
+        if len(calls) == 2:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_write(fd, data)
+
+    monkeypatch.setattr(sink.os, "write", refusing)
+    tensors = _big_tensors()
+    shard = plan_shards(_specs(tensors))[0]
+    w = ShardWriter(tmp_path, shard)
+    for spec in shard.tensors:
+        w.write(spec.name, tensors[spec.name])
+    assert w._sink._fallback is not None and len(calls) > 3
+    got = load_file(str(tmp_path / "model.safetensors"))
+    assert all(torch.equal(got[k], v) for k, v in tensors.items())
+    assert (tmp_path / "model.safetensors").stat().st_size == len(shard.header_bytes()) + shard.nbytes

@@ -17,7 +17,7 @@ import numpy as np
 
 from ..errors import PlanError
 from .safetensors_header import DTYPE_SIZES
-from .writeback import Writeback
+from .sink import open_sink
 
 DEFAULT_MAX_SHARD_SIZE = 5_000_000_000
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
@@ -105,11 +105,11 @@ class ShardWriter:
         self.shard = shard
         self.path = folder / shard.filename
         self._next = 0
-        self._file = open(self.path, "wb", buffering=0)  # tensors are large: written straight from their buffers
+        self._sink = open_sink(self.path)
         header = shard.header_bytes()
         self._sha = hashlib.sha256(header)  # the file's sha256, over bytes on their way to disk
-        _write_all(self._file, memoryview(header))
-        self._writeback = Writeback(self._file.fileno(), len(header))
+        self._sink.write(np.frombuffer(header, dtype=np.uint8))
+        self._closed = False
 
     def write(self, name: str, tensor) -> None:
         """Append ``tensor``: a torch tensor, or a flat numpy array in the spec's storage dtype
@@ -132,8 +132,7 @@ class ShardWriter:
             data = tensor.detach().contiguous().cpu().reshape(-1).view(torch_uint8()).numpy() if spec.nbytes else None
         if spec.nbytes:
             self._sha.update(data)
-            _write_all(self._file, memoryview(data))
-            self._writeback.wrote(spec.nbytes, final=self._next + 1 == len(self.shard.tensors))
+            self._sink.write(data, final=self._next + 1 == len(self.shard.tensors))
         self._next += 1
         if self._next == len(self.shard.tensors):
             self.close()
@@ -143,22 +142,15 @@ class ShardWriter:
         return self._next == len(self.shard.tensors)
 
     def close(self) -> None:
-        if not self._file.closed:
-            self._file.flush()
-            self._file.close()
+        if not self._closed:
+            self._closed = True
+            self._sink.close()
             if self.done:
                 SHARD_SHA256[str(self.path)] = self._sha.hexdigest()
 
 
 # sha256 of every shard file a ShardWriter completed, by path (``run_plan`` takes its outputs' from here)
 SHARD_SHA256: dict[str, str] = {}
-
-
-def _write_all(file, view: memoryview) -> None:
-    """An unbuffered ``write`` may write less than asked (large buffers, signals): loop until done."""
-    while view:
-        n = file.write(view)
-        view = view[n:]
 
 
 def torch_uint8():
