@@ -21,6 +21,7 @@ from ..io.mapped import MappedFiles
 from .buffers import BufferPool
 from ..ops.common import compute as to_compute
 from .evaluate import compile_expr, elementwise, evaluate, numpy_capable
+from .narrow import evaluate_block as narrow_block, plan_narrow
 from .parallel import map_ranges
 from .plan import Call, OutputTensor, Ref, refs
 
@@ -219,11 +220,17 @@ def compute(expr, loaded: Mapping[Ref, np.ndarray], codes: Mapping[Ref, str], sh
         return out
 
     evaluate_block = compile_expr(expr)
+    narrow = plan_narrow(expr, codes, dtype_code)  # float64 plans: float32 where it gives the same bits
 
     def run(lo: int, hi: int) -> None:
         with np.errstate(all="ignore"):  # inf and NaN propagate silently, as in torch
             for start in range(lo, hi, BLOCK_ELEMENTS):
                 stop = min(start + BLOCK_ELEMENTS, hi)
+                if narrow is not None:
+                    narrow_block(narrow, evaluate_block, {r: a[start:stop] for r, a in loaded.items()},
+                                 lambda a, r: _leaf(a, codes[r]), lambda v, o: store(v, dtype_code, o),
+                                 out[start:stop])
+                    continue
                 # each leaf converted to the compute dtype once per block, however often the tree uses it
                 value = evaluate_block({r: _leaf(a[start:stop], codes[r]) for r, a in loaded.items()})
                 store(value, dtype_code, out[start:stop])

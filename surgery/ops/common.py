@@ -106,6 +106,37 @@ def magnitude_bits(t):
     return t.detach().abs().to(torch.float32).reshape(-1).view(torch.int32)
 
 
+class Linear:
+    """An integer combination of an expression's leaves, ``sum_i coeffs[i] * leaf_i``: the value an
+    operation's rounding step would have if it were exact (see ``Operation.steps``). Multiplying by
+    anything but an integer raises ``ValueError``: such a step is not exact in general."""
+
+    __slots__ = ("coeffs",)
+
+    def __init__(self, coeffs: dict):
+        self.coeffs = {k: c for k, c in coeffs.items() if c}
+
+    def __add__(self, other: "Linear") -> "Linear":
+        return Linear({k: self.coeffs.get(k, 0) + other.coeffs.get(k, 0) for k in {**self.coeffs, **other.coeffs}})
+
+    def __sub__(self, other: "Linear") -> "Linear":
+        return self + other * -1
+
+    def __mul__(self, factor: float) -> "Linear":
+        if float(factor) != int(factor):
+            raise ValueError(f"not an integer factor: {factor}")
+        return Linear({k: c * int(factor) for k, c in self.coeffs.items()})
+
+
+def partial_sums(terms: list) -> list:
+    """The values ``left_to_right_sum`` rounds: terms[0] + terms[1], then + terms[2], ..."""
+    out, total = [], terms[0]
+    for t in terms[1:]:
+        total = total + t
+        out.append(total)
+    return out or [total]
+
+
 def current_compute_dtype() -> str:
     return _COMPUTE_DTYPE.get()
 

@@ -22,6 +22,10 @@ class Operation:
     doc: str
     elementwise: bool  # output element i depends only on input elements i: safe to run block by block
     numpy: bool  # written with operators and ops.common helpers only: runs on numpy arrays as well
+    # for operations that add, subtract and multiply by integers: ``steps(*args, **params)`` maps the
+    # arguments' values (``ops.common.Linear``, integer combinations of the leaves) to the value of
+    # every rounding operation the function performs, in order, its result last; None otherwise
+    steps: Callable | None = None
 
     def check(self, params: dict) -> None:
         unknown = set(params) - set(self.params)
@@ -34,13 +38,15 @@ class Operation:
 OPERATIONS: dict[str, Operation] = {}
 
 
-def operation(name: str, *, elementwise: bool = False, numpy: bool = False):
+def operation(name: str, *, elementwise: bool = False, numpy: bool = False, steps: Callable | None = None):
     """Register ``fn`` under ``name``. Its first positional argument is the list of input tensors.
 
     ``elementwise`` operations take and return same-shaped tensors and may be given any matching
     slices of them; the executor then runs them cache block by cache block, which on CPU is about
     twice as fast as whole-tensor temporaries and gives the same bits. ``numpy`` operations use
-    nothing torch-specific, so plans made only of them run on the torch-free CPU path.
+    nothing torch-specific, so plans made only of them run on the torch-free CPU path. ``steps``
+    (see :class:`Operation`) lets float64 plans of such operations run in float32 where that is
+    provably exact (``engine.narrow``).
     """
 
     def register(fn: Callable) -> Callable:
@@ -50,7 +56,7 @@ def operation(name: str, *, elementwise: bool = False, numpy: bool = False):
         kw = [p for p in sig.parameters.values() if p.kind is inspect.Parameter.KEYWORD_ONLY]
         OPERATIONS[name] = Operation(name, fn, tuple(p.name for p in kw),
                                      tuple(p.name for p in kw if p.default is inspect.Parameter.empty),
-                                     inspect.getdoc(fn) or "", elementwise, numpy)
+                                     inspect.getdoc(fn) or "", elementwise, numpy, steps)
         return fn
 
     return register

@@ -1,11 +1,16 @@
 """Model soups: a weighted sum of same-named tensors."""
 from __future__ import annotations
 
-from .common import compute, left_to_right_sum
+from .common import compute, left_to_right_sum, partial_sums
 from .registry import operation
 
 
-@operation("weighted_sum", elementwise=True, numpy=True)
+def _weighted_sum_steps(*terms, weights):
+    scaled = [t if w == 1 else t * w for w, t in zip(weights, terms)]
+    return [t for w, t in zip(weights, scaled) if w != 1] + partial_sums(scaled)
+
+
+@operation("weighted_sum", elementwise=True, numpy=True, steps=_weighted_sum_steps)
 def weighted_sum(tensors: list, *, weights: list[float]):
     """sum_i weights[i] * tensors[i], in the plan's compute dtype, added left to right. A weight of
     exactly 1 multiplies nothing (``x * 1.0`` is ``x``), which task arithmetic's unit weights save."""

@@ -1,23 +1,23 @@
 """Task-vector algebra: differences, sums, scaling, and zero-padding rows for vocabulary changes."""
 from __future__ import annotations
 
-from .common import compute, left_to_right_sum, torch
+from .common import compute, left_to_right_sum, partial_sums, torch
 from .registry import operation
 
 
-@operation("sub", elementwise=True, numpy=True)
+@operation("sub", elementwise=True, numpy=True, steps=lambda a, b: [a - b])
 def sub(tensors: list[torch.Tensor]) -> torch.Tensor:
     """tensors[0] - tensors[1]: a task vector, fine-tuned minus base."""
     return compute(tensors[0]) - compute(tensors[1])
 
 
-@operation("add", elementwise=True, numpy=True)
+@operation("add", elementwise=True, numpy=True, steps=lambda *terms: partial_sums(list(terms)))
 def add(tensors: list[torch.Tensor]) -> torch.Tensor:
     """The sum of all inputs, left to right."""
     return left_to_right_sum([compute(t) for t in tensors])
 
 
-@operation("scale", elementwise=True, numpy=True)
+@operation("scale", elementwise=True, numpy=True, steps=lambda x, *, factor: [x * factor])
 def scale(tensors: list[torch.Tensor], *, factor: float) -> torch.Tensor:
     """factor * tensors[0]."""
     return compute(tensors[0]) * factor
