@@ -26,6 +26,9 @@ QUIET = typer.Option(False, "--quiet", "-q", help="No progress bar.")
 ALLOW_PICKLE = typer.Option(False, "--allow-pickle", help="Accept pickled .bin inputs (weights_only load).")
 PUSH_TO = typer.Option(None, "--push-to", metavar="ORG/NAME",
                        help="Then push the output to this Hub repo, as `surgery push` does (token: HF_TOKEN or the hub login).")
+CONTENT_HASH = typer.Option(False, "--content-hash",
+                            help="Record every input's content hash (sha256 of each tensor's bytes) in the model card: "
+                                 "one more hash pass over the inputs, on the read-ahead threads.")
 
 
 def fail(message: str, code: int = 1) -> None:
@@ -85,18 +88,22 @@ def tensor_progress(label: str, quiet: bool = False):
         yield update
 
 
-def pushes(output: str = "output"):
-    """Give a command that writes a model folder (its parameter ``output``) the option
-    ``--push-to ORG/NAME``: the repo id and a token are checked before the command runs, and the
-    folder is pushed (``surgery.push``) once the command has written it, so only a complete
-    output is ever pushed. One definition for every writing command."""
+def writes_model(output: str = "output", content_hashes: bool = True):
+    """Give a command that writes a model folder (its parameter ``output``) the options
+    ``--push-to ORG/NAME`` and (with ``content_hashes``: outputs with a model card) ``--content-hash``.
+    With ``--push-to`` the repo id and a token are checked before the command runs, and the output
+    is pushed (``surgery.push``) once the command has written it, so only a complete output is ever
+    pushed. One definition for every writing command."""
 
     def decorate(command):
         signature = inspect.signature(command)
-        extra = inspect.Parameter("push_to", inspect.Parameter.KEYWORD_ONLY, default=PUSH_TO, annotation=Optional[str])
+        extra = [inspect.Parameter("push_to", inspect.Parameter.KEYWORD_ONLY, default=PUSH_TO, annotation=Optional[str])]
+        if content_hashes:
+            extra.append(inspect.Parameter("content_hash", inspect.Parameter.KEYWORD_ONLY, default=CONTENT_HASH,
+                                           annotation=bool))
 
         @functools.wraps(command)
-        def run(*args, push_to: Optional[str] = None, **kwargs):
+        def run(*args, push_to: Optional[str] = None, content_hash: bool = False, **kwargs):
             if push_to is not None:
                 if kwargs.get("dry_run"):
                     fail("--push-to pushes the output; --dry-run writes none")
@@ -106,7 +113,13 @@ def pushes(output: str = "output"):
                     from surgery.hub import check_push
 
                     check_push(push_to)  # before hours of work, not after
-            command(*args, **kwargs)
+            if content_hash:
+                from surgery.recipes.run import content_hashing
+
+                with content_hashing():
+                    command(*args, **kwargs)
+            else:
+                command(*args, **kwargs)
             if push_to is not None:
                 quiet = kwargs.get("quiet", False)
                 with reported_errors(), resumable(kwargs[output], push_to):
@@ -116,8 +129,9 @@ def pushes(output: str = "output"):
                 typer.echo(f"pushed {kwargs[output]} to {push_to} ({result.revision}): "
                            f"{len(result.uploaded)} file(s) in {len(result.commits)} commit(s)")
 
-        run.__signature__ = signature.replace(parameters=[*signature.parameters.values(), extra])
-        run.__annotations__ = {**getattr(command, "__annotations__", {}), "push_to": Optional[str]}
+        run.__signature__ = signature.replace(parameters=[*signature.parameters.values(), *extra])
+        run.__annotations__ = {**getattr(command, "__annotations__", {}), "push_to": Optional[str],
+                               **({"content_hash": bool} if content_hashes else {})}
         return run
 
     return decorate
@@ -131,7 +145,7 @@ def prints_recipe(to_step):
     """Give a writing command the option ``--print-recipe``: ``to_step(kwargs)`` maps the command's
     arguments to ``(op, params)``, and the one-step recipe that replays the command is printed
     instead of running it (``surgery run`` of it writes the same bytes). One definition for every
-    writing command; apply it above ``@pushes()``."""
+    writing command; apply it above ``@writes_model()``."""
 
     def decorate(command):
         signature = inspect.signature(command)

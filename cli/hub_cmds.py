@@ -1,4 +1,4 @@
-"""``surgery push``: a finished output folder to a Hub repo, in several commits, resumable."""
+"""``surgery push``: a finished output folder (or single-file output) to a Hub repo, in several commits, resumable."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -10,7 +10,7 @@ from .common import reported_errors, resumable
 
 
 def push(
-    folder: Path = typer.Argument(..., metavar="FOLDER", help="A complete checkpoint folder (what a surgery command wrote)."),
+    folder: Path = typer.Argument(..., metavar="PATH", help="A complete checkpoint folder (what a surgery command wrote), or an SFT or mask file."),
     repo_id: str = typer.Argument(..., metavar="ORG/NAME", help="The Hub repo (created if missing)."),
     private: bool = typer.Option(False, "--private", help="Create the repo private (an existing repo keeps its visibility)."),
     revision: Optional[str] = typer.Option(None, "--revision", help="Branch to push to (created if missing); default main."),
@@ -19,7 +19,7 @@ def push(
     commit_size: str = typer.Option("5GB", "--commit-size", help="Weights per commit, e.g. 5GB: a rerun resumes after the last one."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress messages."),
 ) -> None:
-    """Push FOLDER to the Hub repo ORG/NAME; rerun the same command to resume an interrupted push."""
+    """Push PATH to the Hub repo ORG/NAME; rerun the same command to resume an interrupted push."""
     with reported_errors(), resumable(folder, repo_id):
         import surgery
 

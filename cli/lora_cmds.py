@@ -6,7 +6,7 @@ from typing import Optional
 
 import typer
 
-from .common import DEVICE, DTYPE_HELP, FORCE, OUTPUT, QUIET, SHARD, prints_recipe, pushes, reported_errors, tensor_progress
+from .common import DEVICE, DTYPE_HELP, FORCE, OUTPUT, QUIET, SHARD, prints_recipe, writes_model, reported_errors, tensor_progress
 
 lora_app = typer.Typer(no_args_is_help=True, add_completion=False, rich_markup_mode=None,
                        help="PEFT LoRA adapters: merge one into its base (soup, merge, transfer and diff take adapters as inputs too).")
@@ -14,7 +14,7 @@ lora_app = typer.Typer(no_args_is_help=True, add_completion=False, rich_markup_m
 
 @lora_app.command("merge")
 @prints_recipe(lambda kw: ("lora_merge", {"base": kw["base"], "adapter": kw["adapter"], "scale": kw["scale"]}))
-@pushes()
+@writes_model()
 def merge(
     base: str = typer.Argument(..., help="The model the adapter was trained on."),
     adapter: str = typer.Argument(..., help="PEFT adapter folder (adapter_config.json + adapter_model.safetensors)."),

@@ -6,12 +6,13 @@ from typing import Optional
 
 import typer
 
-from .common import DEVICE, FORCE, QUIET, reported_errors, tensor_progress
+from .common import DEVICE, FORCE, QUIET, reported_errors, tensor_progress, writes_model
 
 
+@writes_model()
 def run(
     recipe: Path = typer.Argument(..., help="Recipe YAML: inputs, steps (op and parameters), output."),
-    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Output folder (default: the recipe's output.path)."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Output folder (default: the recipe's output.path; --push-to needs it given here)."),
     device: str = DEVICE,
     force: bool = FORCE,
     quiet: bool = QUIET,

@@ -7,7 +7,7 @@ from typing import List, Optional
 import typer
 
 from .common import (ALLOW_PICKLE, CONFIG_HELP, DEVICE, DTYPE_HELP, FORCE, OUTPUT, QUIET, SHARD, fail, parse_floats,
-                     prints_recipe, pushes, reported_errors, tensor_progress)
+                     prints_recipe, writes_model, reported_errors, tensor_progress)
 
 
 def _soup_step(kw: dict):
@@ -18,7 +18,7 @@ def _soup_step(kw: dict):
 
 
 @prints_recipe(_soup_step)
-@pushes()
+@writes_model()
 def soup(
     inputs: List[str] = typer.Argument(..., help="Checkpoints: folders, .safetensors files or Hub ids org/name[@rev]."),
     output: Path = OUTPUT,

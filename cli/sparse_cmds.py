@@ -8,7 +8,7 @@ from typing import List, Optional
 import typer
 
 from .common import ALLOW_PICKLE, CONFIG_HELP, DEVICE, DTYPE_HELP, FORCE, OUTPUT, QUIET, SHARD, fail, prints_recipe, \
-    pushes, reported_errors, tensor_progress
+    writes_model, reported_errors, tensor_progress
 
 INCLUDE = typer.Option(None, "--include", help="Regex (searched in tensor names) of tensors to select; repeatable.")
 EXCLUDE = typer.Option(None, "--exclude", help="Regex of tensors to leave out; repeatable.")
@@ -16,14 +16,16 @@ K = typer.Option(None, "--k", help="Keep exactly this many entries (instead of a
 
 
 def _graft_step(kw: dict):
-    if kw.get("mask") is not None or kw.get("learn") or kw.get("mask_out") is not None:
-        fail("--print-recipe: only a top-k graft (no --mask, --mask-out or --learn) has a recipe form")
+    if kw.get("learn") or kw.get("mask_out") is not None:
+        fail("--print-recipe: a graft with --mask-out or --learn has no recipe form (it writes or trains a mask)")
+    if kw.get("mask") is not None:
+        return "graft", {"base": kw["base"], "ft": kw["ft"], "mask": str(kw["mask"])}
     return "graft", {"base": kw["base"], "ft": kw["ft"], "sparsity": kw.get("sparsity"), "k": kw.get("k"),
                      "include": kw.get("include"), "exclude": kw.get("exclude")}
 
 
 @prints_recipe(_graft_step)
-@pushes()
+@writes_model()
 def graft(
     base: str = typer.Option(..., "--base", help="The pretrained model."),
     ft: str = typer.Option(..., "--ft", help="The fine-tune."),
@@ -114,6 +116,7 @@ sft_app = typer.Typer(no_args_is_help=True, add_completion=False, rich_markup_mo
 
 
 @sft_app.command("extract")
+@writes_model(content_hashes=False)  # an SFT file records its base's content hash always
 def sft_extract(
     base: str = typer.Option(..., "--base", help="The model the fine-tune started from."),
     ft: str = typer.Option(..., "--ft", help="The fine-tune."),
@@ -175,5 +178,5 @@ def _sft_step(revert: bool):
                         "config_from": kw.get("config_from")})
 
 
-sft_app.command("apply")(prints_recipe(_sft_step(False))(pushes()(_sft_command(False))))
-sft_app.command("revert")(prints_recipe(_sft_step(True))(pushes()(_sft_command(True))))
+sft_app.command("apply")(prints_recipe(_sft_step(False))(writes_model()(_sft_command(False))))
+sft_app.command("revert")(prints_recipe(_sft_step(True))(writes_model()(_sft_command(True))))

@@ -6,10 +6,10 @@ from typing import List, Optional
 
 import typer
 
-from .common import DEVICE, FORCE, QUIET, SHARD, parse_floats, pushes, reported_errors, tensor_progress
+from .common import DEVICE, FORCE, QUIET, SHARD, parse_floats, writes_model, reported_errors, tensor_progress
 
 
-@pushes("mitigated_out")
+@writes_model("mitigated_out")
 def spectral(
     base: str = typer.Option(..., "--base", help="The pretrained model."),
     ft: List[str] = typer.Option(..., "--ft", help="A fine-tune of it; repeatable."),

@@ -6,12 +6,12 @@ from typing import List, Optional
 
 import typer
 
-from .common import (DEVICE, DTYPE_HELP, FORCE, OUTPUT, QUIET, SHARD, fail, parse_floats, prints_recipe, pushes,
+from .common import (DEVICE, DTYPE_HELP, FORCE, OUTPUT, QUIET, SHARD, fail, parse_floats, prints_recipe, writes_model,
                      reported_errors, tensor_progress)
 
 
 @prints_recipe(lambda kw: ("diff", {"ft": kw["ft"], "base": kw["base"]}))
-@pushes()
+@writes_model()
 def diff(
     ft: str = typer.Argument(..., help="Fine-tuned checkpoint."),
     base: str = typer.Argument(..., help="The base it was fine-tuned from."),
@@ -32,7 +32,7 @@ def diff(
 
 
 @prints_recipe(lambda kw: ("transfer", {"to": kw["to"], "source_base": kw.get("source_base"), "source_ft": kw.get("source_ft"), "diff": kw.get("diff_path"), "scale": kw["scale"], "keep_target": kw["keep_target"]}))
-@pushes()
+@writes_model()
 def transfer(
     to: str = typer.Option(..., "--to", help="The new base to move the fine-tune onto."),
     output: Path = OUTPUT,
@@ -62,7 +62,7 @@ def transfer(
                                         "density": kw.get("density"), "lambda": kw["lam"], "scope": kw["scope"],
                                         "seed": kw["seed"], "lines": kw["lines"], "alpha": kw.get("alpha"),
                                         "beta": kw["beta"]}))
-@pushes()
+@writes_model()
 def merge(
     models: List[str] = typer.Argument(..., help="Fine-tunes of the base."),
     base: str = typer.Option(..., "--base", help="The common base."),
@@ -102,7 +102,7 @@ def merge(
 
 
 @prints_recipe(lambda kw: ("lines", {"base": kw["base"], "ft": kw["ft"], "alpha": kw["alpha"], "beta": kw["beta"]}))
-@pushes()
+@writes_model()
 def lines(
     base: str = typer.Option(..., "--base", help="The pretrained base."),
     ft: str = typer.Option(..., "--ft", help="The fine-tune."),

@@ -34,6 +34,7 @@ _API = {
     "push": "surgery.hub",
     "PushResult": "surgery.hub",
     "verify": "surgery.verify",
+    "content_hashing": "surgery.recipes.run",
     "VerifyResult": "surgery.verify",
 }
 

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 from pathlib import Path
 
@@ -78,6 +79,25 @@ def hub_id(ckpt: Checkpoint) -> str | None:
     return None
 
 
+_SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
+
+
+def hub_file_sha256(ckpt: Checkpoint) -> dict[str, str]:
+    """For an input opened from the Hub cache: the sha256 the Hub publishes for each of its weight
+    files (their LFS object ids, which name the cache's blobs), by path in the repo, without reading
+    a byte. Files not downloaded (a run that never read them) are left out; empty for local inputs."""
+    if hub_revision(ckpt) is None or hub_id(ckpt) is None:
+        return {}
+    snapshot = Path(ckpt.root)
+    out = {}
+    for file in ckpt.files:
+        path = Path(file)
+        blob = os.path.basename(os.readlink(path)) if path.is_symlink() else ""
+        if _SHA256_HEX.match(blob):
+            out[path.relative_to(snapshot).as_posix() if path.is_relative_to(snapshot) else path.name] = blob
+    return dict(sorted(out.items()))
+
+
 def describe_input(ckpt: Checkpoint, content_sha256: str | None = None) -> dict:
     entry = {"source": str(ckpt.source), "tensors": len(ckpt.tensors), "parameters": ckpt.num_parameters,
              "header_sha256": fingerprint(ckpt)}
@@ -89,6 +109,9 @@ def describe_input(ckpt: Checkpoint, content_sha256: str | None = None) -> dict:
         entry["revision"] = revision
     if content_sha256 is not None:
         entry["content_sha256"] = content_sha256
+    files = hub_file_sha256(ckpt)
+    if files:
+        entry["hub_file_sha256"] = files
     return entry
 
 
@@ -131,6 +154,17 @@ def front_matter(operation: str | None, tags: list[str], hub_ids: list[str]) -> 
             front.append(f"base_model_relation: {rel}")
     front.append("---")
     return front
+
+
+def _hub_files(inputs: list[dict]) -> list[str]:
+    listed = [(i, e) for i, e in enumerate(inputs) if e.get("hub_file_sha256")]
+    if not listed:
+        return []
+    rows = ["Weight files of the Hub inputs, with the sha256 the Hub publishes for them (their LFS object ids):", "",
+            "| # | file | sha256 |", "|---|---|---|"]
+    for i, e in listed:
+        rows += [f"| {i} | `{name}` | `{sha}` |" for name, sha in e["hub_file_sha256"].items()]
+    return rows + [""]
 
 
 def _intruder_summary(recipe: dict) -> list[str]:
@@ -191,13 +225,14 @@ def write_card(folder: Path, recipe: dict, ckpts: list[Checkpoint], tags: list[s
         "## Inputs",
         "",
         "Content hash: sha256 over the sorted `name<TAB>sha256(tensor bytes)` lines of every stored tensor "
-        "(the same however a checkpoint is sharded; recorded when the run sets SURGERY_CONTENT_HASH=1). "
+        "(the same however a checkpoint is sharded; recorded when the run asks for it with `--content-hash`). "
         "Header: sha256 over every tensor's name, dtype, shape and size.",
         "",
         "| # | source | revision | parameters | content sha256 | header sha256 |",
         "|---|---|---|---|---|---|",
         *rows,
         "",
+        *_hub_files(inputs),
         *_intruder_summary(recipe),
         "## Recipe",
         "",

@@ -176,3 +176,39 @@ def test_without_content_hashing_the_card_records_header_fingerprints(llama, tmp
         assert entry["header_sha256"] == h.hexdigest()
         assert h.hexdigest()[:16] in (out / "README.md").read_text()
     assert verify(out).ok  # shard hashes are recorded either way
+
+
+def test_hub_inputs_record_the_file_hashes_the_hub_publishes(llama, hub_cache, tmp_path, monkeypatch):
+    """Without a content hash pass, a Hub input's card entry still names each weight file's sha256
+    (the LFS object id the cache names its blob by): here checked against the files' own bytes."""
+    monkeypatch.delenv("SURGERY_CONTENT_HASH")
+    make_hub_cache(hub_cache, "tiny-org/llama-v1", llama.v1, COMMIT)
+    out = surgery.soup(["tiny-org/llama-v1", llama.v2], tmp_path / "soup")
+    record = json.loads((out / "surgery_recipe.json").read_text())
+    hub, local = record["inputs"]
+    expected = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in weight_files(llama.v1)}
+    assert len(expected) > 1 and hub["hub_file_sha256"] == expected
+    assert "content_sha256" not in hub and "hub_file_sha256" not in local
+    card = (out / "README.md").read_text()
+    assert all(f"| 0 | `{name}` | `{sha}` |" in card for name, sha in expected.items())
+
+
+def test_content_hashes_asked_for_by_flag_or_context(llama, tmp_path, monkeypatch):
+    from surgery_cli.app import main
+
+    monkeypatch.delenv("SURGERY_CONTENT_HASH")
+    monkeypatch.setattr(sys, "argv", ["surgery", "soup", str(llama.base), str(llama.v1), "-o", str(tmp_path / "cli"),
+                                      "-q", "--content-hash"])
+    with pytest.raises(SystemExit) as e:
+        main()
+    assert e.value.code in (0, None)
+    record = json.loads((tmp_path / "cli" / "surgery_recipe.json").read_text())
+    assert [x["content_sha256"] for x in record["inputs"]] == [independent_content_hash(p) for p in (llama.base, llama.v1)]
+
+    with surgery.content_hashing():
+        lib = surgery.soup([llama.base, llama.v1], tmp_path / "lib")
+    assert json.loads((lib / "surgery_recipe.json").read_text())["inputs"] == record["inputs"]
+    monkeypatch.setenv("SURGERY_CONTENT_HASH", "1")
+    with surgery.content_hashing(False):  # the context wins over the environment
+        off = surgery.soup([llama.base, llama.v1], tmp_path / "off")
+    assert all("content_sha256" not in x for x in json.loads((off / "surgery_recipe.json").read_text())["inputs"])

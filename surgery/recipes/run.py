@@ -1,9 +1,11 @@
 """Run a plan into an output folder: validate the output, stream the tensors, add sidecars and a card."""
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import hashlib
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 from ..card import PLAN_FILE, write_card
 from ..engine.executor import ProgressCallback, execute
@@ -113,16 +115,33 @@ def _shard_hashes(folder: Path, shards) -> dict[str, str]:
 
 
 def hash_inputs_default() -> bool:
-    """Whether outputs record their inputs' content hashes: only with ``SURGERY_CONTENT_HASH=1``.
-    Hashing is one sha256 pass over every input byte (about 1.2 GB/s a core here): on two cores it
-    made a 3 x 600 MB soup 40% slower, so it is asked for, not paid by default. Without it the card
-    records each input's header fingerprint (names, dtypes, shapes, sizes) and its Hub commit."""
+    """Whether outputs record their inputs' content hashes: inside ``with content_hashing():`` (the
+    CLI's ``--content-hash``), or with ``SURGERY_CONTENT_HASH=1``. Hashing is one sha256 pass over
+    every input byte (about 1.2 GB/s a core here): on two cores it made a 3 x 600 MB soup 40% slower,
+    so it is asked for, not paid by default. Without it the card records each input's header
+    fingerprint (names, dtypes, shapes, sizes), and for Hub inputs their commit and the sha256 the
+    Hub publishes for each weight file."""
     import os
 
+    chosen = _CONTENT_HASHING.get()
+    if chosen is not None:
+        return chosen
     return os.environ.get(CONTENT_HASH_ENV, "0").strip().lower() in ("1", "true", "yes", "on")
 
 
 CONTENT_HASH_ENV = "SURGERY_CONTENT_HASH"
+_CONTENT_HASHING: contextvars.ContextVar[bool | None] = contextvars.ContextVar("surgery_content_hashing", default=None)
+
+
+@contextlib.contextmanager
+def content_hashing(enabled: bool = True) -> Iterator[None]:
+    """Outputs written inside record (or, with ``enabled=False``, do not record) every input's
+    content hash, whatever ``SURGERY_CONTENT_HASH`` says."""
+    token = _CONTENT_HASHING.set(bool(enabled))
+    try:
+        yield
+    finally:
+        _CONTENT_HASHING.reset(token)
 
 
 def complete_digests(ckpts: list[Checkpoint], digests: dict, hashed: Sequence[int]) -> None:
