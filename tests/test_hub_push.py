@@ -188,3 +188,23 @@ def test_only_complete_folders_are_pushed(hub, llama, tmp_path):
     with pytest.raises(PushError, match="not a Hub repo id"):
         surgery.push(llama.base, "me/broken@dev")
     assert not hub.requests  # refused before anything was sent
+
+
+def test_single_file_outputs_are_pushed_whole(hub, llama, tmp_path):
+    """An SFT file goes up under its own name, by `sft extract --push-to` and by `surgery push FILE`;
+    a truncated one is refused before anything is sent."""
+    sft = tmp_path / "task.sft.safetensors"
+    r = CliRunner().invoke(app(), ["sft", "extract", "--base", str(llama.base), "--ft", str(llama.v1), "-o", str(sft),
+                                   "--density", "0.05", "-q", "--push-to", "me/sft"])
+    assert r.exit_code == 0, r.output
+    assert {k: v for k, v in hub.files("me/sft").items() if k != ".gitattributes"} == {sft.name: sft.read_bytes()}
+    assert surgery.push(sft, "me/sft").skipped == [sft.name]  # already there, bytes and all
+
+    r = CliRunner().invoke(app(), ["push", str(sft), "me/sft2", "-q"])
+    assert r.exit_code == 0 and hub.files("me/sft2")[sft.name] == sft.read_bytes(), r.output
+    broken = tmp_path / "broken.sft.safetensors"
+    broken.write_bytes(sft.read_bytes()[:-3])
+    requests = len(hub.requests)
+    with pytest.raises(PushError, match="not a complete safetensors file.*broken"):
+        surgery.push(broken, "me/broken")
+    assert len(hub.requests) == requests

@@ -50,7 +50,9 @@ def push(folder, repo_id: str, *, private: bool = False, revision: str | None = 
          commit_message: str | None = None, token: str | None = None, commit_size: str | int = DEFAULT_COMMIT_SIZE,
          log: Callable[[str], None] | None = None) -> PushResult:
     """Push a complete checkpoint folder to the Hub repo ``repo_id`` (created if missing, ``private``
-    if so asked), on branch ``revision`` (created if missing) or as a new pull request.
+    if so asked), on branch ``revision`` (created if missing) or as a new pull request. ``folder``
+    may also be one safetensors-based file (a sparse fine-tune, a mask): it goes to the repo's top
+    level under its own name.
 
     Weights go first, in commits of at most ``commit_size`` bytes, then the index, config,
     tokenizer and card in the last commit, so the branch never has an index naming shards it lacks.
@@ -65,7 +67,7 @@ def push(folder, repo_id: str, *, private: bool = False, revision: str | None = 
     token = check_push(repo_id, token)
     if create_pr and revision not in (None, "main"):
         raise PushError("--create-pr opens a pull request against the default branch; it does not combine with --revision")
-    files = _complete_folder(folder)
+    files = _complete_file(folder) if folder.is_file() else _complete_folder(folder)
     budget = parse_size(commit_size)
     hint = f"surgery push {folder} {repo_id}" + (f" --revision {revision}" if revision else "") + \
         (" --create-pr" if create_pr else "")
@@ -132,13 +134,27 @@ def push(folder, repo_id: str, *, private: bool = False, revision: str | None = 
     return result
 
 
+def _complete_file(path: Path) -> list[_LocalFile]:
+    """A single-file output (SFT, mask), refused unless its safetensors header reads and fits the file."""
+    from ..io.safetensors_header import read_header
+
+    if path.name.endswith(".partial") and path.name.startswith("."):
+        raise PushError(f"{path} is an unfinished output (a surgery run's temporary file); push the finished one")
+    try:
+        read_header(path)
+    except CheckpointError as e:
+        raise PushError(f"{path} is not a complete safetensors file, refusing to push it: {e}") from None
+    st = path.stat()
+    return [_LocalFile(path.name, path, st.st_size, st.st_mtime_ns)]
+
+
 def _complete_folder(folder: Path) -> list[_LocalFile]:
     """The files of a finished checkpoint folder, weights first and index and card last; refuses a
     folder that is not one (missing shard, truncated file, an unfinished output)."""
     from ..io.checkpoint import open_checkpoint
 
     if not folder.is_dir():
-        raise PushError(f"nothing to push: {folder} is not a folder")
+        raise PushError(f"nothing to push: {folder} is not a folder or a file")
     if folder.name.endswith((".partial", ".old")) and folder.name.startswith("."):
         raise PushError(f"{folder} is an unfinished output (a surgery run's temporary folder); push the finished one")
     try:
