@@ -103,6 +103,21 @@ def test_bf16_chain_rounds_between_steps(zoo, cli, tmp_path, monkeypatch, backen
     assert_same_bytes(tmp_path / "seq", tmp_path / "chained")
 
 
+@pytest.mark.parametrize("weights", [None, "0.3,0.7"])
+def test_bf16_chain_ending_in_a_soup_equals_the_commands(zoo, cli, tmp_path, weights):
+    """A float64 step (transfer) feeding a float32 one (soup) on bf16 inputs: each step keeps its
+    own precision in the one pass, so the bytes are those of the two commands."""
+    base, ft, t = zoo["llama-bf16/base"], zoo["llama-bf16/ft1"], zoo["llama-bf16/target"]
+    cli("transfer", "--source-base", base, "--source-ft", ft, "--to", t, "-o", tmp_path / "m")
+    cli("soup", tmp_path / "m", t, *(["--weights", weights] if weights else []), "-o", tmp_path / "seq")
+    soup = {"op": "soup", "models": ["m", "t"], **({"weights": [float(w) for w in weights.split(",")]} if weights else {})}
+    recipe = {"inputs": {"base": str(base), "ft": str(ft), "t": str(t)},
+              "steps": {"m": {"op": "transfer", "source_base": "base", "source_ft": "ft", "to": "t"}, "s": soup},
+              "output": {"step": "s", "path": str(tmp_path / "chained")}}
+    cli("run", write_recipe(tmp_path / "r.yaml", recipe))
+    assert_same_bytes(tmp_path / "seq", tmp_path / "chained")
+
+
 # -- --print-recipe: one-step recipes replay the command exactly ---------------------------------
 
 CASES = {
@@ -168,6 +183,34 @@ def test_sft_apply_and_revert_replay_and_graft_feeds_a_soup(zoo, cli, tmp_path):
     recipe["steps"]["g2"] = {"op": "graft", "base": "base", "ft": "g", "k": 10}
     recipe["output"]["step"] = "g2"
     _fails(cli, tmp_path, recipe, "step 'g2' (graft)", "save that step")
+
+
+def test_graft_by_a_mask_file_in_a_recipe(zoo, cli, tmp_path):
+    """A mask file (here written by a top-k graft) grafts in a recipe step, replays from
+    --print-recipe, and feeds a soup as the commands in sequence do; a learned graft is refused."""
+    base, ft = zoo["llama/base"], zoo["llama/ft1"]
+    cli("graft", "--base", base, "--ft", ft, "--sparsity", 0.1, "-o", tmp_path / "topk", "--mask-out", tmp_path / "m.mask")
+    args = ["graft", "--base", str(base), "--ft", str(ft), "--mask", str(tmp_path / "m.mask")]
+    cli(*args, "-o", tmp_path / "direct")
+    assert_same_bytes(tmp_path / "topk", tmp_path / "direct")  # the mask is the top-k's own
+    r = cli(*args, "-o", tmp_path / "replayed", "--print-recipe")
+    (tmp_path / "one.yaml").write_text(r.output)
+    cli("run", tmp_path / "one.yaml")
+    assert_same_bytes(tmp_path / "direct", tmp_path / "replayed")
+    cli("soup", tmp_path / "direct", zoo["llama/ft2"], "-o", tmp_path / "seq")
+    recipe = {"inputs": {"base": str(base), "ft": str(ft), "ft2": str(zoo["llama/ft2"]), "mask": str(tmp_path / "m.mask")},
+              "steps": {"g": {"op": "graft", "base": "base", "ft": "ft", "mask": "mask"},
+                        "s": {"op": "soup", "models": ["g", "ft2"]}},
+              "output": {"step": "s", "path": str(tmp_path / "chained")}}
+    cli("run", write_recipe(tmp_path / "r.yaml", recipe))
+    assert_same_bytes(tmp_path / "seq", tmp_path / "chained")
+    recipe["steps"]["g"]["sparsity"] = 0.2
+    _fails(cli, tmp_path, recipe, "step 'g' (graft)", "mask file takes no sparsity")
+    del recipe["steps"]["g"]["sparsity"]
+    recipe["steps"]["g"]["mask"] = "g"
+    _fails(cli, tmp_path, recipe, "'mask' refers to 'g', which is not an input")
+    recipe["steps"]["g"] = {"op": "graft_learned", "base": "base", "ft": "ft"}
+    _fails(cli, tmp_path, recipe, "cannot be chained", "--learn --mask-out")
 
 
 def test_diff_step_feeds_transfer(zoo, cli, tmp_path):

@@ -3,8 +3,11 @@ from __future__ import annotations
 
 from typing import Callable, Mapping
 
+from ..ops.common import compute_dtype
 from ..ops.registry import get_operation
 from .plan import Call, Expr, Ref
+
+SCOPE = "at_precision"  # its argument is evaluated in the compute dtype it names
 
 
 def evaluate(expr: Expr, loaded: Mapping[Ref, object], memo: dict | None = None):
@@ -15,6 +18,9 @@ def evaluate(expr: Expr, loaded: Mapping[Ref, object], memo: dict | None = None)
     assert isinstance(expr, Call)
     if memo is not None and expr in memo:
         return memo[expr]
+    if expr.op == SCOPE:
+        with compute_dtype(expr.kwargs["dtype"]):
+            return evaluate(expr.args[0], loaded, memo)
     args = [evaluate(a, loaded, memo) for a in expr.args]
     value = get_operation(expr.op).fn(args, **expr.kwargs)
     if memo is not None:
@@ -29,6 +35,14 @@ def compile_expr(expr: Expr) -> Callable[[Mapping[Ref, object]], object]:
     the same tree on thousands of blocks."""
     if isinstance(expr, Ref):
         return lambda loaded: loaded[expr]
+    if expr.op == SCOPE:
+        inner, code = compile_expr(expr.args[0]), expr.kwargs["dtype"]
+
+        def scoped(loaded):
+            with compute_dtype(code):
+                return inner(loaded)
+
+        return scoped
     fn, kwargs = get_operation(expr.op).fn, expr.kwargs
     args = [compile_expr(a) for a in expr.args]
     return lambda loaded: fn([a(loaded) for a in args], **kwargs)

@@ -28,3 +28,11 @@ def round_to(tensors: list, *, dtype: str):
     from ..io.read import TORCH_DTYPES
 
     return compute(t.to(TORCH_DTYPES[dtype]))
+
+
+@operation("at_precision", elementwise=True, numpy=True)
+def at_precision(tensors: list, *, dtype: str):
+    """The input, its operations computed in ``dtype`` ("F32" or "F64") whatever the plan's compute
+    dtype: a recipe step chained into another keeps the precision it has as a command of its own.
+    The evaluator opens the scope (``engine.evaluate``); here the value passes through."""
+    return tensors[0]

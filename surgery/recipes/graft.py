@@ -115,21 +115,33 @@ def _tensors(b, f, out_dtype: str | None, grafted: dict) -> list[OutputTensor]:
 def _graft_with_mask_file(ckpts, mask_path: Path, output, recipe: dict, *, dtype, device, max_shard_size, force,
                           progress) -> Path:
     """Graft by the masks of a mask file (opened as a third input, its entries streamed like weights)."""
-    from ..io.checkpoint import open_checkpoint
+    built = build_graft_with_mask(ckpts[0], ckpts[1], mask_path, dtype=dtype, recipe=recipe)
+    return built.save(output, device=device, max_shard_size=max_shard_size, force=force, progress=progress)
 
-    b, f = ckpts
-    mask = masks.Mask.open(mask_path)
-    for name, t in mask.tensors.items():
+
+def build_graft_with_mask(base, ft, mask, *, dtype: str | None = None, recipe: dict | None = None):
+    """The graft by a mask file's masks as a lazy :class:`~surgery.recipes.built.Built`: the mask
+    is a third input, its entries streamed like weights. ``base`` and ``ft`` are checkpoints."""
+    from ..io.checkpoint import open_checkpoint
+    from ..lazy import Lazy
+    from .built import Built, is_built
+
+    if is_built(base) or is_built(ft):
+        raise PlanError("graft takes checkpoints as base and ft; save that step (save: PATH) and graft the saved model")
+    b, f = open_checkpoints([base, ft])
+    mask_path = Path(mask)
+    opened = masks.Mask.open(mask_path)
+    for name, t in opened.tensors.items():
         if f.resolve(name) is None or b.resolve(name) is None or list(f.resolve(name).shape) != t["shape"]:
             raise PlanError(f"{mask_path}: mask tensor {name} (shape {t['shape']}) is not in both models with that shape")
-    with_mask = list(ckpts) + [open_checkpoint(mask_path)]
+    with_mask = (b, f, open_checkpoint(mask_path))
     grafted = {n: Call.of("apply_mask", [Ref(0, n), Ref(1, n), Ref(2, n)], encoding=t["encoding"])
-               for n, t in mask.tensors.items()}
-    recipe = {**recipe, "base": b.source, "ft": f.source, "kept": mask.kept, "masked_entries": mask.total}
-    plan = Plan([c.source for c in with_mask], _tensors(b, f, parse_dtype(dtype), grafted), max_shard_size,
-                recipe=recipe, compute_dtype="F64")
-    return run_plan(plan, output, with_mask, force=force, config_from=1, tokenizer_from=f.root,
-                    tags=("graft",), device=device, progress=progress)
+               for n, t in opened.tensors.items()}
+    recipe = {**(recipe or {"operation": "graft", "mask": str(mask_path)}), "base": b.source, "ft": f.source,
+              "kept": opened.kept, "masked_entries": opened.total, "dtype": dtype}
+    tensors = _tensors(b, f, parse_dtype(dtype), grafted)
+    lazy = Lazy(with_mask, {t.spec.name: t for t in tensors}, {}, None, ({"graft": [b.source, f.source]},))
+    return Built(lazy, recipe, ("graft",), tokenizer_from=f.root, config_from=f.root, layout=b, compute_dtype="F64")
 
 
 def _learned(ckpts, names, topk: TopK, output, recipe: dict, *, mask_out, data, eval_data, task, epochs, lr,

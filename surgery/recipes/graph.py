@@ -24,7 +24,7 @@ from pathlib import Path
 from ..errors import PlanError
 from ..io.writer import DEFAULT_MAX_SHARD_SIZE
 from .built import Built
-from .recipe_schema import (FLOAT, FLOATS, LOCS, MERGE_METHODS, OPS, REF, REFS, STRS, Recipe, load_recipe,
+from .recipe_schema import (FLOAT, FLOATS, LOC, LOCS, MERGE_METHODS, OPS, REF, REFS, STRS, Recipe, load_recipe,
                             parse_recipe)
 
 
@@ -71,6 +71,8 @@ def build_step(recipe: Recipe, name: str, built: dict | None = None, opened: dic
             return [arg(r) for r in v]
         if kind == LOCS:
             return [_location(recipe, recipe.inputs[r]) for r in v]
+        if kind == LOC:
+            return _location(recipe, recipe.inputs[v])
         return v
 
     kw = {k: args(k, v) for k, v in params.items()}
@@ -117,8 +119,12 @@ def _call(op: str, kw: dict, dtype: str | None) -> Built:
         return build_lora_merge(kw["base"], kw["adapter"], dtype=dtype, **{k: v for k, v in kw.items()
                                                                           if k not in ("base", "adapter")})
     if op == "graft":
-        from .graft import build_graft
+        from .graft import build_graft, build_graft_with_mask
 
+        if "mask" in kw:
+            if set(kw) - {"base", "ft", "mask"}:
+                raise PlanError(f"a graft by a mask file takes no {', '.join(sorted(set(kw) - {'base', 'ft', 'mask'}))}")
+            return build_graft_with_mask(kw["base"], kw["ft"], kw["mask"], dtype=dtype)
         return build_graft(kw.pop("base"), kw.pop("ft"), dtype=dtype, **kw)
     if op in ("sft_apply", "sft_revert"):
         from .sft import build_apply
@@ -200,7 +206,7 @@ def one_step_recipe(op: str, params: dict, output, *, dtype: str | None = None, 
         if v is None or k not in schema:
             continue
         kind = schema[k][0]
-        if kind == REF:
+        if kind in (REF, LOC):
             step[k] = name_of(v, k)
         elif kind in (REFS, LOCS):
             step[k] = [name_of(x, k) for x in v]

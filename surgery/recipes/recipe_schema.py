@@ -16,6 +16,7 @@ from ..errors import PlanError
 REF, REFS, FLOAT, FLOATS, INT, BOOL, STR = "ref", "refs", "float", "floats", "int", "bool", "str"
 STRS = "strs"  # a list of strings (name patterns)
 LOCS = "locs"  # input names passed on as locations (files the op opens itself), not opened here
+LOC = "loc"  # one such input name
 MERGE_METHODS = ("task_arithmetic", "ties", "dare_linear", "dare_ties")
 _MERGE_PARAMS = {"base": (REF, True), "models": (REFS, True), "weights": (FLOATS, False),
                  "density": (FLOAT, False), "lambda": (FLOAT, False), "scope": (("tensor", "global"), False),
@@ -32,12 +33,14 @@ OPS: dict[str, dict[str, tuple[Any, bool]]] = {
     "diff": {"ft": (REF, True), "base": (REF, True)},
     "lora_merge": {"base": (REF, True), "adapter": (REF, True), "scale": (FLOAT, False)},
     "graft": {"base": (REF, True), "ft": (REF, True), "sparsity": (FLOAT, False), "k": (INT, False),
-              "include": (STRS, False), "exclude": (STRS, False)},
+              "include": (STRS, False), "exclude": (STRS, False), "mask": (LOC, False)},
     **{op: {"model": (REF, True), "sfts": (LOCS, True), "allow_pickle": (BOOL, False), "config_from": (REF, False)}
        for op in ("sft_apply", "sft_revert")},
 }
 NOT_CHAINABLE = {
     "greedy_soup": "a greedy soup scores candidates between passes; run `surgery soup --greedy`",
+    "graft_learned": "a learned graft trains its mask between passes; run `surgery graft --learn --mask-out M`, "
+                     "then graft by the mask file in a recipe (graft with mask: M)",
 }
 STEP_KEYS = ("op", "save", "dtype")
 TOP_KEYS = ("inputs", "steps", "output")
@@ -93,6 +96,10 @@ def _check_type(where: str, key: str, kind, value) -> Any:
     if kind == LOCS:
         if not isinstance(value, list) or not value or not all(isinstance(v, str) and v for v in value):
             raise bad(f"{where}: parameter {key!r} must be a list of input names, got {value!r}")
+        return value
+    if kind == LOC:
+        if not isinstance(value, str) or not value:
+            raise bad(f"{where}: parameter {key!r} must name an input, got {value!r}")
         return value
     raise AssertionError(kind)
 
@@ -152,8 +159,8 @@ def parse_recipe(data, root: Path | str = ".") -> Recipe:
     for name, step in steps.items():
         for k, v in step["params"].items():
             kind = OPS[step["op"]][k][0]
-            if kind == LOCS:
-                for ref in v:
+            if kind in (LOC, LOCS):
+                for ref in (v if kind == LOCS else [v]):
                     if ref not in inputs:
                         raise PlanError(f"step {name!r}: parameter {k!r} refers to {ref!r}, which is not an input"
                                         f"{_near(ref, list(inputs))} (these are files, not steps)")

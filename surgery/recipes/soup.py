@@ -116,9 +116,6 @@ def build_soup(inputs, *, weights: Sequence[float] | None = None, normalize: boo
         return Call(expr.op, tuple(swap(a) for a in expr.args), expr.params)
 
     tensors = {t.spec.name: OutputTensor(t.spec, swap(t.expr)) for t in plan.tensors}
-    compute = plan.compute_dtype
-    if steps and any(s.compute_dtype == "F64" for s in steps.values()):
-        compute = "F64"  # the steps' own arithmetic precision: the whole chain runs in one
     if 0 in steps and config_from is None:  # config as the first step would have saved it
         config_from = steps[0].config_from if steps[0].config_from is not None else steps[0].lazy.sidecars
         overrides = {**steps[0].overrides, **overrides}
@@ -126,7 +123,7 @@ def build_soup(inputs, *, weights: Sequence[float] | None = None, normalize: boo
 
     lazy = Lazy(ckpts, tensors, {}, None, ({"soup": [label(x) for x in inputs]},))
     tags = ("merge", "model-soup") + (("lora",) if adapters else ())
-    return Built(lazy, recipe, tags, overrides, config_from=config_from, layout=slots[0], compute_dtype=compute)
+    return Built(lazy, recipe, tags, overrides, config_from=config_from, layout=slots[0], compute_dtype=plan.compute_dtype)
 
 
 def _check_layout(step, lazy) -> None:
