@@ -69,6 +69,8 @@ TREES = {
         Call.of("sub", [r[1], r[0]]), Call.of("sub", [r[2], r[0]])], weights=[2.0, -1.0])]),
     "negated_scaled": lambda r: Call.of("add", [r[0], Call.of("scale", [Call.of("sub", [r[0], r[1]])], factor=-3.0)]),
     "three_terms": lambda r: Call.of("add", [r[0], Call.of("sub", [r[1], r[0]]), Call.of("sub", [r[2], r[0]])]),
+    # float32 adds r0 - r1 - r2 up from r0 (no negation): a partial sum the tree itself never forms
+    "minus_sum": lambda r: Call.of("add", [r[0], Call.of("scale", [Call.of("add", [r[1], r[2]])], factor=-1.0)]),
 }
 
 
@@ -83,6 +85,10 @@ def test_float32_applies_exactly_where_it_can():
         assert [([r.input for r in g], h) for g, h in transfer.groups] == [([1, 0], 15)]  # only ft - base
         ta = plan_narrow(TREES["task_arithmetic"](refs), bf16, "BF16")
         assert [([r.input for r in g], h) for g, h in ta.groups] == [([0, 1, 2], 14)]  # the sum of the two deltas
+        assert [(r.input, c) for r, c in ta.terms] == [(1, 1), (0, -1), (2, 1)]  # added up as m1 - b + m2
+        minus = plan_narrow(TREES["minus_sum"](refs), bf16, "BF16")
+        assert [(r.input, c) for r, c in minus.terms] == [(0, 1), (1, -1), (2, -1)]
+        assert sorted([r.input for r in g] for g, _ in minus.groups) == [[0, 1], [1, 2]]
         # not exact in general: a weight that is not an integer, a division, other inputs or outputs
         scaled = Call.of("add", [refs[2], Call.of("scale", [Call.of("sub", [refs[1], refs[0]])], factor=0.3)])
         assert plan_narrow(scaled, bf16, "BF16") is None

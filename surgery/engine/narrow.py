@@ -48,6 +48,21 @@ MOSTLY_FLAGGED = 8  # more than 1/8 of a block flagged: recompute the whole bloc
 @dataclass(frozen=True)
 class NarrowPlan:
     groups: tuple[tuple[tuple[Ref, ...], int], ...]  # (leaves, h): exponent fields at most h apart
+    terms: tuple[tuple[Ref, int], ...]  # the result, sum of c * leaf, in the order float32 adds it up
+
+    def evaluate(self, leaves: Mapping[Ref, np.ndarray]) -> np.ndarray:
+        """The result in float32 from float32 leaves, added up term by term (each partial sum is
+        exact where the check passes, so only the last addition rounds)."""
+        ref, c = self.terms[0]
+        value = leaves[ref] * np.float32(c) if c != 1 else leaves[ref].copy()
+        for ref, c in self.terms[1:]:
+            if c == 1:
+                np.add(value, leaves[ref], out=value)
+            elif c == -1:
+                np.subtract(value, leaves[ref], out=value)
+            else:
+                np.add(value, leaves[ref] * np.float32(c), out=value)
+        return value
 
     def flagged(self, raw: Mapping[Ref, np.ndarray]) -> np.ndarray | None:
         """Positions where float32 may round a step (uint16 bits in, index array out), or None."""
@@ -91,11 +106,16 @@ def plan_narrow(expr: Expr, codes: Mapping[Ref, str], out_code: str) -> NarrowPl
         return None
     steps: list[Linear] = []
     try:
-        _trace(expr, steps)
+        result = _trace(expr, steps)
     except (ValueError, OverflowError):
         return None
+    if not result.coeffs:
+        return None  # identically zero (x - x): nothing to gain
+    terms = _chain(result, steps[:-1])
+    partial = [Linear(dict(terms[:i])) for i in range(1, len(terms))]  # what the chain's additions compute
+    partial += [Linear({r: c}) for r, c in terms if abs(c) != 1]  # and its products
     groups: dict[frozenset, int] = {}  # the leaves of each step that mixes several, and the span it allows
-    for step in steps[:-1]:  # the last step may round: both precisions round it the same way
+    for step in steps[:-1] + partial:  # the last step of each may round: both round it the same way
         total = sum(abs(c) for c in step.coeffs.values())
         allowed = 16 - math.ceil(math.log2(total))  # C * 2**(s + 8) <= 2**24
         if allowed < 1:
@@ -106,7 +126,21 @@ def plan_narrow(expr: Expr, codes: Mapping[Ref, str], out_code: str) -> NarrowPl
     # a group inside a larger one that allows no more is checked by the larger one
     kept = [(g, h) for g, h in groups.items()
             if not any(g < other and h_other <= h for other, h_other in groups.items())]
-    return NarrowPlan(tuple((tuple(r for r in leaves if r in g), h) for g, h in kept))
+    return NarrowPlan(tuple((tuple(r for r in leaves if r in g), h) for g, h in kept), tuple(terms))
+
+
+def _chain(result: Linear, inner: list[Linear]) -> list[tuple[Ref, int]]:
+    """The result's terms in the order to add them: the leaves the tree's own inner steps use most
+    first (so the chain's partial sums stay inside groups already checked), starting with a
+    positive one where there is one (no negation)."""
+    uses: dict[Ref, int] = {}
+    for step in inner:
+        for r in step.coeffs:
+            uses[r] = uses.get(r, 0) + 1
+    order = sorted(result.coeffs, key=lambda r: -uses.get(r, 0))  # stable: ties keep the tree's order
+    first = next((r for r in order if result.coeffs[r] > 0), order[0])
+    order.remove(first)
+    return [(r, result.coeffs[r]) for r in [first, *order]]
 
 
 def _trace(expr: Expr, steps: list) -> Linear:
@@ -122,16 +156,17 @@ def _trace(expr: Expr, steps: list) -> Linear:
 
 
 def evaluate_block(plan: NarrowPlan, evaluate: Callable, raw: Mapping[Ref, np.ndarray], leaf: Callable,
-                   store: Callable[[np.ndarray, np.ndarray], None], out: np.ndarray) -> None:
-    """One block of the output into ``out``: ``evaluate(leaves)`` in float32 over ``leaf(raw array, ref)``,
-    with float64 (the plan's own compute dtype) where the check above does not pass."""
+                   store: Callable, out: np.ndarray) -> None:
+    """One block of the output into ``out``: the plan's sum in float32 over ``leaf(raw array, ref)``,
+    and ``evaluate(leaves)`` (the tree, in the plan's float64) where the check does not pass.
+    ``store(value, out, finite)`` rounds into the output dtype."""
     with compute_dtype("F32"):
-        value = evaluate({r: leaf(a, r) for r, a in raw.items()})
+        value = plan.evaluate({r: leaf(a, r) for r, a in raw.items()})
     lo, hi = value.min(), value.max()
     if not (-RANGE < lo and hi < RANGE):  # NaN fails too
         store(evaluate({r: leaf(a, r) for r, a in raw.items()}), out)
         return
-    store(value, out)
+    store(value, out, True)
     fix = plan.flagged(raw)
     if fix is None:
         return

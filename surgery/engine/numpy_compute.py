@@ -128,8 +128,9 @@ def _leaf(raw: np.ndarray, code: str) -> np.ndarray:
     return leaf
 
 
-def store(value: np.ndarray, code: str, out: np.ndarray) -> None:
-    """Round ``value`` into ``out`` (the output's storage dtype), as torch's ``.to`` would."""
+def store(value: np.ndarray, code: str, out: np.ndarray, finite: bool = False) -> None:
+    """Round ``value`` into ``out`` (the output's storage dtype), as torch's ``.to`` would; ``finite``:
+    the caller knows ``value`` has no NaN."""
     if code in ("F16", "BF16") and value.dtype != np.float32:
         value = value.astype(np.float32)  # through float first, as torch converts double and half
     if code != "BF16":
@@ -145,7 +146,7 @@ def store(value: np.ndarray, code: str, out: np.ndarray) -> None:
     else:
         rounded >>= 16
         np.copyto(out, rounded, casting="unsafe")
-    if np.isnan(value.max()):  # one reduction (max propagates NaN) instead of a mask per block
+    if not finite and np.isnan(value.max()):  # one reduction (max propagates NaN) instead of a mask per block
         out[np.isnan(value)] = _BF16_NAN
 
 
@@ -228,7 +229,7 @@ def compute(expr, loaded: Mapping[Ref, np.ndarray], codes: Mapping[Ref, str], sh
                 stop = min(start + BLOCK_ELEMENTS, hi)
                 if narrow is not None:
                     narrow_block(narrow, evaluate_block, {r: a[start:stop] for r, a in loaded.items()},
-                                 lambda a, r: _leaf(a, codes[r]), lambda v, o: store(v, dtype_code, o),
+                                 lambda a, r: _leaf(a, codes[r]), lambda v, o, finite=False: store(v, dtype_code, o, finite),
                                  out[start:stop])
                     continue
                 # each leaf converted to the compute dtype once per block, however often the tree uses it
