@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from surgery.engine.narrow import NARROW_ENV, RANGE, plan_narrow
-from surgery.engine.numpy_compute import BLOCK_ELEMENTS
+from surgery.engine.numpy_compute import NARROW_BLOCK_ELEMENTS as BLOCK_ELEMENTS  # the float32 path's blocks
 from surgery.engine.plan import Call, OutputTensor, Plan, Ref
 from surgery.io.writer import TensorSpec
 from surgery.ops.common import compute_dtype
@@ -36,7 +36,8 @@ def _models(seed: int = 0) -> list[np.ndarray]:
     """A base and two fine-tunes as bf16 bits, block by block:
     0: close fine-tunes, a few base weights far smaller than the deltas (those elements recomputed);
     1: as 0 with exact zeros and subnormals sprinkled in;
-    2: unrelated random bit patterns (mostly recomputed: the whole block in float64);
+    2: unrelated values of every magnitude from 2**-60 to 2**29 (mostly flagged: the whole block
+       recomputed in float64);
     3: as 0 with an infinity and a NaN (a non-finite result: the whole block in float64);
     4: as 0 with values near float32's overflow, one difference overflowing float32 though the
        result does not (outside the range: the whole block in float64);
@@ -50,14 +51,16 @@ def _models(seed: int = 0) -> list[np.ndarray]:
         pick = rng.choice(BLOCK_ELEMENTS, 300, replace=False) + BLOCK_ELEMENTS
         m[pick[:150]] = 0
         m[pick[150:]] = rng.integers(1, 0x7F, 150) | (rng.integers(0, 2, 150) << 15)  # subnormals
-        m[2 * BLOCK_ELEMENTS:3 * BLOCK_ELEMENTS] = rng.integers(0, 1 << 16, BLOCK_ELEMENTS)
+        exponents = rng.integers(67, 157, BLOCK_ELEMENTS)  # 2**-60 to 2**29: far apart, yet within range
+        m[2 * BLOCK_ELEMENTS:3 * BLOCK_ELEMENTS] = (exponents << 7) | rng.integers(0, 1 << 7, BLOCK_ELEMENTS) | \
+            (rng.integers(0, 2, BLOCK_ELEMENTS) << 15)
     models[1][3 * BLOCK_ELEMENTS + 5] = 0x7F80  # +inf
     models[2][3 * BLOCK_ELEMENTS + 9] = 0x7FC1  # NaN
     for m in models:
         m[4 * BLOCK_ELEMENTS + 11] = _bits(np.array([3.3e38]))[0]
     for m, v in zip(models, (-3e38, 3e38, -3e38)):  # ft - base overflows float32, the result does not
         m[4 * BLOCK_ELEMENTS + 12] = _bits(np.array([v]))[0]
-    models[0][5 * BLOCK_ELEMENTS:] = _bits(awkward_values(seed).numpy())[: N - 5 * BLOCK_ELEMENTS]
+    models[0][5 * BLOCK_ELEMENTS:] = np.resize(_bits(awkward_values(seed).numpy()), N - 5 * BLOCK_ELEMENTS)
     return models
 
 

@@ -26,6 +26,7 @@ from .parallel import map_ranges
 from .plan import Call, OutputTensor, Ref, refs
 
 BLOCK_ELEMENTS = 1 << 17  # 1 MB of float64: far fewer numpy calls per element than cache-sized blocks, still within L2
+NARROW_BLOCK_ELEMENTS = 1 << 18  # the same megabyte, of float32 (engine.narrow)
 FLOAT_CODES = ("F64", "F32", "F16", "BF16")
 STORAGE = {  # how each safetensors dtype is held in numpy; bf16 as its raw 16 bits
     "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": np.uint16,
@@ -222,11 +223,12 @@ def compute(expr, loaded: Mapping[Ref, np.ndarray], codes: Mapping[Ref, str], sh
 
     evaluate_block = compile_expr(expr)
     narrow = plan_narrow(expr, codes, dtype_code)  # float64 plans: float32 where it gives the same bits
+    block = NARROW_BLOCK_ELEMENTS if narrow is not None else BLOCK_ELEMENTS
 
     def run(lo: int, hi: int) -> None:
         with np.errstate(all="ignore"):  # inf and NaN propagate silently, as in torch
-            for start in range(lo, hi, BLOCK_ELEMENTS):
-                stop = min(start + BLOCK_ELEMENTS, hi)
+            for start in range(lo, hi, block):
+                stop = min(start + block, hi)
                 if narrow is not None:
                     narrow_block(narrow, evaluate_block, {r: a[start:stop] for r, a in loaded.items()},
                                  lambda a, r: _leaf(a, codes[r]), lambda v, o, finite=False: store(v, dtype_code, o, finite),
@@ -236,5 +238,5 @@ def compute(expr, loaded: Mapping[Ref, np.ndarray], codes: Mapping[Ref, str], sh
                 value = evaluate_block({r: _leaf(a[start:stop], codes[r]) for r, a in loaded.items()})
                 store(value, dtype_code, out[start:stop])
 
-    map_ranges(run, numel, BLOCK_ELEMENTS)
+    map_ranges(run, numel, block)
     return out
