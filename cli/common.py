@@ -141,11 +141,11 @@ PRINT_RECIPE = typer.Option(False, "--print-recipe",
                             help="Print the equivalent one-step recipe (YAML for `surgery run`) and exit without computing.")
 
 
-def prints_recipe(to_step):
+def prints_recipe(to_step, output: str = "output"):
     """Give a writing command the option ``--print-recipe``: ``to_step(kwargs)`` maps the command's
     arguments to ``(op, params)``, and the one-step recipe that replays the command is printed
     instead of running it (``surgery run`` of it writes the same bytes). One definition for every
-    writing command; apply it above ``@writes_model()``."""
+    writing command (``output``: its parameter naming the model folder); apply it above ``@writes_model()``."""
 
     def decorate(command):
         signature = inspect.signature(command)
@@ -164,7 +164,7 @@ def prints_recipe(to_step):
             with reported_errors():
                 from surgery.recipes.graph import one_step_recipe, recipe_yaml
 
-                recipe = one_step_recipe(op, params, kwargs.get("output"), dtype=kwargs.get("dtype"),
+                recipe = one_step_recipe(op, params, kwargs.get(output), dtype=kwargs.get("dtype"),
                                          max_shard_size=kwargs.get("max_shard_size"))
                 typer.echo(recipe_yaml(recipe), nl=False)
 

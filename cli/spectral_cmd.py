@@ -6,9 +6,21 @@ from typing import List, Optional
 
 import typer
 
-from .common import DEVICE, FORCE, QUIET, SHARD, parse_floats, writes_model, reported_errors, tensor_progress
+from .common import DEVICE, FORCE, QUIET, SHARD, fail, parse_floats, prints_recipe, reported_errors, tensor_progress, \
+    writes_model
 
 
+def _mitigation_step(kw: dict):
+    if kw.get("mitigate") is None or kw.get("mitigated_out") is None:
+        fail("--print-recipe: the report has no recipe form; with --mitigate and --mitigated-out it prints the "
+             "mitigation's")
+    if len(kw["ft"]) != 1:
+        fail("--mitigate works on exactly one --ft")
+    return "reduce_intruders", {"base": kw["base"], "ft": kw["ft"][0], "lambda": kw["mitigate"], "k": kw["k"],
+                                "epsilon": kw["epsilon"], "include": kw.get("include"), "ft_svd": kw["ft_svd"]}
+
+
+@prints_recipe(_mitigation_step, output="mitigated_out")
 @writes_model("mitigated_out")
 def spectral(
     base: str = typer.Option(..., "--base", help="The pretrained model."),

@@ -504,3 +504,36 @@ def test_a_peft_lora_adapter_is_analysed_as_its_merged_model(tiny_llama, tmp_pat
     assert json.loads((from_adapter / "surgery_recipe.json").read_text())["recipe"]["corrected"]
     for n in a:
         torch.testing.assert_close(a[n], b[n], rtol=1e-4, atol=1e-5 * float(b[n].abs().max()), msg=n)
+
+
+def test_mitigation_prints_a_recipe_that_replays_and_chains(tiny_llama, tmp_path, cli, monkeypatch):
+    """`spectral --mitigate --print-recipe` prints a reduce_intruders step: run, it writes the bytes
+    the command wrote; chained into a soup, it equals the two commands in sequence."""
+    import yaml
+    from test_recipe_file import assert_same_bytes, write_recipe
+
+    monkeypatch.setenv("SURGERY_CACHE_DIR", str(tmp_path / "cache"))
+    args = ["spectral", "--base", tiny_llama / "base", "--ft", tiny_llama / "ft", "-o", tmp_path / "report",
+            "--mitigate", 0.5, "--k", 8, "--epsilon", 0.4, "-q"]
+    cli(*args, "--mitigated-out", tmp_path / "direct")
+    r = cli(*args, "--mitigated-out", tmp_path / "replayed", "--print-recipe")
+    assert not (tmp_path / "replayed").exists()
+    step = yaml.safe_load(r.output)["steps"]["reduce_intruders"]
+    assert step["lambda"] == 0.5 and step["k"] == 8 and step["epsilon"] == 0.4
+    (tmp_path / "one.yaml").write_text(r.output)
+    cli("run", tmp_path / "one.yaml")
+    assert_same_bytes(tmp_path / "direct", tmp_path / "replayed")
+    card = json.loads((tmp_path / "replayed" / "surgery_recipe.json").read_text())["recipe"]
+    assert card["operation"] == "reduce_intruders" and sum(card["corrected"].values()) > 0
+
+    cli("soup", tmp_path / "direct", tiny_llama / "base", "-o", tmp_path / "seq")
+    recipe = {"inputs": {"base": str(tiny_llama / "base"), "ft": str(tiny_llama / "ft")},
+              "steps": {"m": {"op": "reduce_intruders", "base": "base", "ft": "ft", "lambda": 0.5, "k": 8,
+                              "epsilon": 0.4},
+                        "s": {"op": "soup", "models": ["m", "base"]}},
+              "output": {"step": "s", "path": str(tmp_path / "chained")}}
+    cli("run", write_recipe(tmp_path / "r.yaml", recipe))
+    assert_same_bytes(tmp_path / "seq", tmp_path / "chained")
+    bad = cli("spectral", "--base", tiny_llama / "base", "--ft", tiny_llama / "ft", "-o", tmp_path / "r2",
+              "--print-recipe", ok=False)
+    assert "the report has no recipe form" in bad.output

@@ -132,6 +132,15 @@ def _call(op: str, kw: dict, dtype: str | None) -> Built:
         if dtype is not None:
             raise PlanError("sft apply/revert keeps the model's dtype; drop dtype")
         return build_apply(kw.pop("model"), kw.pop("sfts"), revert=op == "sft_revert", scratch=scratch(), **kw)
+    if op == "reduce_intruders":
+        from ..spectral.mitigate import build_reduce_intruders
+
+        if "lambda" in kw:
+            kw["mitigation_lambda"] = kw.pop("lambda")
+        if "include" in kw:
+            kw["include"] = kw["include"] or None
+        folder = scratch() / f"intruders-{len(list(scratch().glob('intruders-*')))}"
+        return build_reduce_intruders(kw.pop("base"), kw.pop("ft"), scratch=folder, dtype=dtype, **kw)
     raise PlanError(f"unknown op {op!r}")
 
 
@@ -139,7 +148,7 @@ _SCRATCH: list = []
 
 
 def scratch() -> Path:
-    """A folder that lives while the recipe runs (SFT conversions)."""
+    """A folder that lives while the recipe runs (SFT conversions, intruder corrections)."""
     if not _SCRATCH:
         raise PlanError("internal: no scratch folder outside run_recipe")
     return Path(_SCRATCH[-1])

@@ -36,6 +36,9 @@ OPS: dict[str, dict[str, tuple[Any, bool]]] = {
               "include": (STRS, False), "exclude": (STRS, False), "mask": (LOC, False)},
     **{op: {"model": (REF, True), "sfts": (LOCS, True), "allow_pickle": (BOOL, False), "config_from": (REF, False)}
        for op in ("sft_apply", "sft_revert")},
+    "reduce_intruders": {"base": (REF, True), "ft": (REF, True), "lambda": (FLOAT, False), "k": (INT, False),
+                         "epsilon": (FLOAT, False), "include": (STRS, False),
+                         "ft_svd": (("auto", "full", "randomized"), False)},
 }
 NOT_CHAINABLE = {
     "greedy_soup": "a greedy soup scores candidates between passes; run `surgery soup --greedy`",

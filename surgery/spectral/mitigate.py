@@ -50,9 +50,17 @@ def write_mitigated(ft: Checkpoint, corrections: CorrectionWriter, output, recip
     """Stream the fine-tune into ``output`` with the corrections added (config, tokenizer, card come
     along). A LoRA adapter ``ft`` is merged onto ``base`` on the way (lazily, per tensor), and the
     corrections go on top of the merged weights: the output is a full checkpoint."""
-    from ..lazy import from_checkpoint
+    return mitigated(ft, corrections, recipe, base=base).save(output, device=device, max_shard_size=max_shard_size,
+                                                              force=force, progress=progress)
+
+
+def mitigated(ft: Checkpoint, corrections: CorrectionWriter, recipe: dict, *, base=None, dtype: str | None = None):
+    """The mitigated fine-tune as a lazy :class:`~surgery.recipes.built.Built`, valid while the
+    corrections' folder exists."""
+    from ..lazy import Lazy, from_checkpoint
     from ..lora import adapted, is_adapter
-    from ..recipes.run import run_plan
+    from ..recipes.built import Built
+    from ..recipes.run import parse_dtype
 
     if is_adapter(ft):
         merged = adapted(ft, base)
@@ -65,11 +73,33 @@ def write_mitigated(ft: Checkpoint, corrections: CorrectionWriter, output, recip
         ckpt = open_checkpoint(corrections.folder)
         ckpt.source = "intruder corrections (computed by the analysis, not kept)"
         inputs.append(ckpt)
-    tensors = [OutputTensor(t.spec, Call.of("add_low_rank", [t.expr, Ref(factors, n + LEFT), Ref(factors, n + RIGHT)])
-                            if n in corrections.corrected else t.expr) for n, t in lazy.tensors.items()]
-    plan = Plan([c.source for c in inputs], tensors, max_shard_size, recipe=recipe, compute_dtype="F32")
-    return run_plan(plan, output, inputs, force=force, config_from=0, tokenizer_from=tokenizer_from,
-                    tags=("intruder-mitigation",), device=device, progress=progress)
+    tensors = {n: OutputTensor(t.spec, Call.of("add_low_rank", [t.expr, Ref(factors, n + LEFT), Ref(factors, n + RIGHT)])
+                               if n in corrections.corrected else t.expr) for n, t in lazy.tensors.items()}
+    out = Lazy(tuple(inputs), tensors, {}, None, ({"reduce_intruders": [ft.source]},)).with_dtype(parse_dtype(dtype))
+    return Built(out, recipe, ("intruder-mitigation",), config_from=inputs[0].root, tokenizer_from=tokenizer_from,
+                 layout=inputs[0], compute_dtype="F32")
+
+
+def build_reduce_intruders(base, ft, *, scratch: Path, mitigation_lambda: float = DEFAULT_LAMBDA, k: int = 10,
+                           epsilon: float = 0.5, include=None, ft_svd: str = "auto", cache_dir=None,
+                           device: str = "auto", dtype: str | None = None):
+    """Intruder mitigation as a recipe step: the analysis runs here (its corrections go to
+    ``scratch``, which must outlive the step), the writing pass streams later. ``base`` and ``ft``
+    are checkpoints (or ``ft`` a LoRA adapter): the analysis reads stored matrices."""
+    from ..recipes.built import is_built
+    from .analyze import analyze
+
+    if is_built(base) or is_built(ft):
+        raise PlanError("reduce_intruders analyses stored matrices: give checkpoints as base and ft "
+                        "(save that step with save: PATH and use the saved model)")
+    check_lambda(mitigation_lambda)
+    ft_ckpt = ft if isinstance(ft, Checkpoint) else open_checkpoint(ft)
+    base_ckpt = base if isinstance(base, Checkpoint) else open_checkpoint(base)
+    Path(scratch).mkdir(parents=True, exist_ok=True)
+    sink = CorrectionWriter(Path(scratch), mitigation_lambda)
+    result = analyze(base_ckpt, [ft_ckpt], include, k, (epsilon,), cache_dir, device, epsilon=epsilon,
+                     ft_svd=ft_svd, corrections=sink)
+    return mitigated(ft_ckpt, sink, mitigation_recipe(result, sink), base=base_ckpt, dtype=dtype)
 
 
 def reduce_intruders(base, ft, output, *, mitigation_lambda: float = DEFAULT_LAMBDA, k: int = 10,
