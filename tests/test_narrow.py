@@ -34,7 +34,8 @@ def _value(bits: np.ndarray) -> np.ndarray:
 
 def _models(seed: int = 0) -> list[np.ndarray]:
     """A base and two fine-tunes as bf16 bits, block by block:
-    0: close fine-tunes, a few base weights far smaller than the deltas (those elements recomputed);
+    0: close fine-tunes, a few base weights far smaller than the deltas (those elements recomputed),
+       and weights a fine-tune left alone (zero deltas: signed zeros);
     1: as 0 with exact zeros and subnormals sprinkled in;
     2: unrelated values of every magnitude from 2**-60 to 2**29 (mostly flagged: the whole block
        recomputed in float64);
@@ -47,6 +48,9 @@ def _models(seed: int = 0) -> list[np.ndarray]:
     base[rng.choice(BLOCK_ELEMENTS, 40, replace=False)] = rng.normal(0, 1e-12, 40)  # far below the deltas
     fts = [base + rng.normal(0, 2e-4, N), base + rng.normal(0, 2e-4, N)]
     models = [_bits(x) for x in [base, *fts]]
+    same = rng.choice(BLOCK_ELEMENTS, 500, replace=False)
+    models[1][same] = models[0][same]  # weights the fine-tune left alone: exact zero deltas
+    models[2][same[:250]] = models[0][same[:250]]
     for m in models:
         pick = rng.choice(BLOCK_ELEMENTS, 300, replace=False) + BLOCK_ELEMENTS
         m[pick[:150]] = 0
@@ -56,6 +60,8 @@ def _models(seed: int = 0) -> list[np.ndarray]:
             (rng.integers(0, 2, BLOCK_ELEMENTS) << 15)
     models[1][3 * BLOCK_ELEMENTS + 5] = 0x7F80  # +inf
     models[2][3 * BLOCK_ELEMENTS + 9] = 0x7FC1  # NaN
+    for m, bits in zip(models, (0x7F80, 0x7800, 0x7801)):  # an infinite base beside large fine-tunes:
+        m[BLOCK_ELEMENTS + 20] = bits  # (ft - base) + base is NaN, though ft is finite
     for m in models:
         m[4 * BLOCK_ELEMENTS + 11] = _bits(np.array([3.3e38]))[0]
     for m, v in zip(models, (-3e38, 3e38, -3e38)):  # ft - base overflows float32, the result does not
@@ -69,11 +75,19 @@ TREES = {
     "task_arithmetic": lambda r: Call.of("add", [r[0], Call.of("weighted_sum", [
         Call.of("sub", [r[1], r[0]]), Call.of("sub", [r[2], r[0]])], weights=[1.0, 1.0])]),
     "integer_weights": lambda r: Call.of("add", [r[0], Call.of("weighted_sum", [
-        Call.of("sub", [r[1], r[0]]), Call.of("sub", [r[2], r[0]])], weights=[2.0, -1.0])]),
+        Call.of("sub", [r[1], r[0]]), Call.of("sub", [r[2], r[0]])], weights=[3.0, -1.0])]),
     "negated_scaled": lambda r: Call.of("add", [r[0], Call.of("scale", [Call.of("sub", [r[0], r[1]])], factor=-3.0)]),
     "three_terms": lambda r: Call.of("add", [r[0], Call.of("sub", [r[1], r[0]]), Call.of("sub", [r[2], r[0]])]),
     # float32 adds r0 - r1 - r2 up from r0 (no negation): a partial sum the tree itself never forms
     "minus_sum": lambda r: Call.of("add", [r[0], Call.of("scale", [Call.of("add", [r[1], r[2]])], factor=-1.0)]),
+    # -(ft - base): -0 wherever ft == base in float64, +0 from float32's ft + -base
+    "negated_delta": lambda r: Call.of("scale", [Call.of("sub", [r[1], r[0]])], factor=-1.0),
+}
+# trees that stay in float64: a zero factor, and a leaf that cancels out (its infinity would go unseen)
+WIDE_TREES = {
+    "zero_scale": lambda r: Call.of("add", [r[2], Call.of("scale", [Call.of("sub", [r[1], r[0]])], factor=0.0)]),
+    "difference_of_deltas": lambda r: Call.of("sub", [Call.of("sub", [r[1], r[0]]), Call.of("sub", [r[2], r[0]])]),
+    "cancelled_base": lambda r: Call.of("add", [Call.of("sub", [r[1], r[0]]), r[0]]),
 }
 
 
@@ -96,6 +110,8 @@ def test_float32_applies_exactly_where_it_can():
         scaled = Call.of("add", [refs[2], Call.of("scale", [Call.of("sub", [refs[1], refs[0]])], factor=0.3)])
         assert plan_narrow(scaled, bf16, "BF16") is None
         assert plan_narrow(Call.of("mean", refs), bf16, "BF16") is None
+        for name, tree in WIDE_TREES.items():
+            assert plan_narrow(tree(refs), bf16, "BF16") is None, name
         assert plan_narrow(TREES["transfer"](refs), {**bf16, refs[0]: "F32"}, "BF16") is None
         assert plan_narrow(TREES["transfer"](refs), {**bf16, refs[0]: "F16"}, "BF16") is None
         assert plan_narrow(TREES["transfer"](refs), bf16, "F64") is None
@@ -175,10 +191,10 @@ def test_the_data_reaches_every_branch(inputs):
         assert not (np.abs(part) < RANGE).all()
 
 
-@pytest.mark.parametrize("tree", sorted(TREES))
+@pytest.mark.parametrize("tree", sorted(TREES) + sorted(WIDE_TREES))
 @pytest.mark.parametrize("out_dtype", ["BF16", "F32", "F16"])
 def test_float32_evaluation_gives_float64_bits(tmp_path, monkeypatch, inputs, tree, out_dtype):
-    plan = _plan(inputs, TREES[tree], out_dtype)
+    plan = _plan(inputs, {**TREES, **WIDE_TREES}[tree], out_dtype)
     narrow = _run(plan, inputs, tmp_path / "narrow", "numpy", monkeypatch)["w"]
     monkeypatch.setenv(NARROW_ENV, "0")
     wide = _run(plan, inputs, tmp_path / "wide", "numpy", monkeypatch)["w"]

@@ -118,6 +118,22 @@ def test_bf16_chain_ending_in_a_soup_equals_the_commands(zoo, cli, tmp_path, wei
     assert_same_bytes(tmp_path / "seq", tmp_path / "chained")
 
 
+@pytest.mark.parametrize("backend", ["numpy", "torch"])
+def test_float32_step_feeding_a_float64_one_keeps_its_precision(zoo, cli, tmp_path, monkeypatch, backend):
+    """The other direction: a weighted soup of bf16 models (float32) whose result is differenced
+    (float64), saved as a task vector: the bytes of the two commands on either path."""
+    monkeypatch.setenv("SURGERY_BACKEND", backend)
+    a, b, base = zoo["llama-bf16/ft1"], zoo["llama-bf16/target"], zoo["llama-bf16/base"]
+    cli("soup", a, b, "--weights", "0.3,0.7", "-o", tmp_path / "s")
+    cli("diff", tmp_path / "s", base, "-o", tmp_path / "seq")
+    recipe = {"inputs": {"a": str(a), "b": str(b), "base": str(base)},
+              "steps": {"s": {"op": "soup", "models": ["a", "b"], "weights": [0.3, 0.7]},
+                        "d": {"op": "diff", "ft": "s", "base": "base"}},
+              "output": {"step": "d", "path": str(tmp_path / "chained")}}
+    cli("run", write_recipe(tmp_path / "r.yaml", recipe))
+    assert_same_bytes(tmp_path / "seq", tmp_path / "chained")
+
+
 # -- --print-recipe: one-step recipes replay the command exactly ---------------------------------
 
 CASES = {

@@ -208,10 +208,13 @@ def test_direct_and_page_cache_writes_give_the_same_file(tmp_path, monkeypatch, 
     assert all(torch.equal(got[k], v) for k, v in tensors.items())
 
 
-def test_direct_write_refused_midway_carries_on_through_the_page_cache(tmp_path, monkeypatch):
-    """A filesystem that refuses a direct write after accepting the open (EINVAL): the rest of the
-    file goes through the page cache from the same offset, and the file is whole."""
+@pytest.mark.parametrize("trouble", ["refused", "short"])
+def test_a_direct_write_that_fails_midway_carries_on_through_the_page_cache(tmp_path, monkeypatch, trouble):
+    """A filesystem that refuses a direct write after accepting the open (EINVAL), or a direct
+    write that stops off the alignment: the bytes already written stay, the rest of the file goes
+    through the page cache from where they end, and the file is whole."""
     import errno
+    import fcntl
     import os
 
     import surgery.io.sink as sink
@@ -221,13 +224,16 @@ def test_direct_write_refused_midway_carries_on_through_the_page_cache(tmp_path,
     monkeypatch.setattr(sink, "STAGE_BYTES", 8192)
     real_write, calls = os.write, []
 
-    def refusing(fd, data):
+    def troubled(fd, data):
         calls.append(len(data))
-        if len(calls) == 2:
+        if len(calls) == 2 and trouble == "refused":
             raise OSError(errno.EINVAL, "Invalid argument")
+        if len(calls) == 2:  # stop 100 bytes past a block, as a write cut short would
+            fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_DIRECT)
+            return real_write(fd, data[:4196])
         return real_write(fd, data)
 
-    monkeypatch.setattr(sink.os, "write", refusing)
+    monkeypatch.setattr(sink.os, "write", troubled)
     tensors = _big_tensors()
     shard = plan_shards(_specs(tensors))[0]
     w = ShardWriter(tmp_path, shard)

@@ -5,9 +5,7 @@ from typing import Callable, Mapping
 
 from ..ops.common import compute_dtype
 from ..ops.registry import get_operation
-from .plan import Call, Expr, Ref
-
-SCOPE = "at_precision"  # its argument is evaluated in the compute dtype it names
+from .plan import SCOPE, Call, Expr, Ref
 
 
 def evaluate(expr: Expr, loaded: Mapping[Ref, object], memo: dict | None = None):

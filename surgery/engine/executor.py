@@ -228,9 +228,15 @@ def execute(plan: Plan, folder: Path, *, checkpoints: Sequence[Checkpoint] | Non
     finally:
         write_q.put(None)
         writer_thread.join()
-        for w in writers.values():
+        close_errors = []
+        for w in writers.values():  # every file closed, even after one fails (a full disk at its last block)
             if w is not None:
-                w.close()
+                try:
+                    w.close()
+                except SurgeryError as e:
+                    close_errors.append(e)
     if write_error:
         raise write_error[0]
+    if close_errors:
+        raise close_errors[0]
     return shards

@@ -22,9 +22,11 @@ same float32 value into the output dtype.
 Per element, the exponents are checked through the raw bits: magnitudes (``bits & 0x7FFF``) that
 differ by at most ``h << 7`` have exponent fields at most ``h`` apart, so each step's leaves are
 checked by the largest minus the smallest of their magnitudes (steps over leaves that a larger
-step with no wider allowance also covers need no check of their own). The elements that fail (a weight crossing zero, a zero, an infinity) are recomputed in float64 from
-their own inputs, and so are whole blocks whose float32 result leaves (-2**120, 2**120) or is NaN
-(where an overflow or the double-rounding argument's range could matter).
+step with no wider allowance also covers need no check of their own). The elements that fail (a weight whose magnitude is far from the others', a zero input) are
+recomputed in float64 from their own inputs, and so are exact zero results (whose sign depends on
+how the sum is grouped) and whole blocks whose float32 result leaves (-2**120, 2**120) or is NaN
+(an infinity, an overflow, or where the double-rounding argument's range could matter). Trees in
+which a leaf cancels out, or a step multiplies by zero, stay in float64.
 """
 from __future__ import annotations
 
@@ -109,14 +111,18 @@ def plan_narrow(expr: Expr, codes: Mapping[Ref, str], out_code: str) -> NarrowPl
         result = _trace(expr, steps)
     except (ValueError, OverflowError):
         return None
-    if not result.coeffs:
-        return None  # identically zero (x - x): nothing to gain
+    if set(result.coeffs) != set(leaves):
+        # a leaf that cancels (x - x, (a - b) + b) is never read by the sum, and its infinity or NaN,
+        # which float64 would carry into the result, would go unseen
+        return None
     terms = _chain(result, steps[:-1])
     partial = [Linear(dict(terms[:i])) for i in range(1, len(terms))]  # what the chain's additions compute
     partial += [Linear({r: c}) for r, c in terms if abs(c) != 1]  # and its products
     groups: dict[frozenset, int] = {}  # the leaves of each step that mixes several, and the span it allows
     for step in steps[:-1] + partial:  # the last step of each may round: both round it the same way
         total = sum(abs(c) for c in step.coeffs.values())
+        if total == 0:
+            return None  # a step that cancels or multiplies by 0 (0 * inf is NaN, 0 * -x is -0)
         allowed = 16 - math.ceil(math.log2(total))  # C * 2**(s + 8) <= 2**24
         if allowed < 1:
             return None
@@ -168,6 +174,9 @@ def evaluate_block(plan: NarrowPlan, evaluate: Callable, raw: Mapping[Ref, np.nd
         return
     store(value, out, True)
     fix = plan.flagged(raw)
+    zeros = value == 0  # an exact zero's sign depends on how the sum was grouped (x + -x is +0, -(x - x) is -0)
+    if zeros.any():
+        fix = np.union1d(fix, np.flatnonzero(zeros)) if fix is not None else np.flatnonzero(zeros)
     if fix is None:
         return
     if fix.size * MOSTLY_FLAGGED > out.size:

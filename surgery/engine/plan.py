@@ -57,6 +57,24 @@ class OutputTensor:
     expr: Expr
 
 
+SCOPE = "at_precision"  # an operation whose argument is computed in the dtype it names
+
+
+def scoped(expr: Expr, precision: str) -> Expr:
+    """``expr`` computed in ``precision`` wherever it is used (a bare reference needs no scope)."""
+    return Call.of(SCOPE, [expr], dtype=precision) if isinstance(expr, Call) else expr
+
+
+def scopes(expr: Expr) -> set[str]:
+    """The precisions the ``at_precision`` scopes inside ``expr`` ask for."""
+    if not isinstance(expr, Call):
+        return set()
+    found = {expr.kwargs["dtype"]} if expr.op == SCOPE else set()
+    for a in expr.args:
+        found |= scopes(a)
+    return found
+
+
 @dataclass
 class Plan:
     inputs: list[str]  # checkpoint locations (paths or Hub ids), as opened
@@ -69,6 +87,11 @@ class Plan:
 
     def __post_init__(self):
         self.max_shard_size = parse_size(self.max_shard_size)
+        if self.compute_dtype == "F64" and any("F32" in scopes(t.expr) for t in self.tensors):
+            # a float32 scope (a chained step: ops.basic.at_precision) needs float32 leaves: the plan
+            # runs in the narrowest precision, and its own float64 arithmetic is scoped as such
+            self.compute_dtype = "F32"
+            self.tensors = [OutputTensor(t.spec, scoped(t.expr, "F64")) for t in self.tensors]
 
     def shards(self) -> list[Shard]:
         return plan_shards([t.spec for t in self.tensors], self.max_shard_size, self.metadata)

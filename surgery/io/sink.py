@@ -37,10 +37,10 @@ class BufferedSink:
 
     direct = False
 
-    def __init__(self, fd: int):
+    def __init__(self, fd: int, start: int = 0):
         self.fd = fd
         self.size = 0
-        self._writeback = Writeback(fd)
+        self._writeback = Writeback(fd, start)  # ``start``: bytes already in the file
 
     def write(self, data: np.ndarray, final: bool = False) -> None:
         _write_all(self.fd, memoryview(data).cast("B"))
@@ -87,9 +87,11 @@ class DirectSink:
             written = 0
             while written < length:
                 n = os.write(self.fd, view[written:])
-                if n % ALIGN:  # a short write off the alignment: the rest through the page cache
-                    raise OSError(errno.EINVAL, "unaligned short direct write")
+                if n <= 0:
+                    raise OSError(errno.EIO, "direct write made no progress")
                 written += n
+                if n % ALIGN and written < length:  # a short write off the alignment: the rest through the page cache
+                    raise OSError(errno.EINVAL, "unaligned short direct write")
         except OSError as e:
             if e.errno != errno.EINVAL:
                 raise
@@ -103,7 +105,7 @@ class DirectSink:
 
         fcntl.fcntl(self.fd, fcntl.F_SETFL, fcntl.fcntl(self.fd, fcntl.F_GETFL) & ~_O_DIRECT)
         _write_all(self.fd, rest)
-        self._fallback = BufferedSink(self.fd)
+        self._fallback = BufferedSink(self.fd, start=os.lseek(self.fd, 0, os.SEEK_CUR))
 
     def close(self) -> None:
         try:

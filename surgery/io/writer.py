@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import PlanError
+from ..errors import OutputError, PlanError
 from .safetensors_header import DTYPE_SIZES
 from .sink import open_sink
 
@@ -132,7 +132,10 @@ class ShardWriter:
             data = tensor.detach().contiguous().cpu().reshape(-1).view(torch_uint8()).numpy() if spec.nbytes else None
         if spec.nbytes:
             self._sha.update(data)
-            self._sink.write(data, final=self._next + 1 == len(self.shard.tensors))
+            try:
+                self._sink.write(data, final=self._next + 1 == len(self.shard.tensors))
+            except OSError as e:
+                raise OutputError(f"cannot write {self.path} (tensor {name}): {e.strerror or e}") from e
         self._next += 1
         if self._next == len(self.shard.tensors):
             self.close()
@@ -144,7 +147,10 @@ class ShardWriter:
     def close(self) -> None:
         if not self._closed:
             self._closed = True
-            self._sink.close()
+            try:
+                self._sink.close()
+            except OSError as e:
+                raise OutputError(f"cannot write {self.path}: {e.strerror or e}") from e
             if self.done:
                 SHARD_SHA256[str(self.path)] = self._sha.hexdigest()
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..engine.plan import SCOPE
 from .registry import operation
 
 
@@ -30,7 +31,7 @@ def round_to(tensors: list, *, dtype: str):
     return compute(t.to(TORCH_DTYPES[dtype]))
 
 
-@operation("at_precision", elementwise=True, numpy=True)
+@operation(SCOPE, elementwise=True, numpy=True)
 def at_precision(tensors: list, *, dtype: str):
     """The input, its operations computed in ``dtype`` ("F32" or "F64") whatever the plan's compute
     dtype: a recipe step chained into another keeps the precision it has as a command of its own.

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..engine.plan import Call, OutputTensor, Plan
+from ..engine.plan import Call, Plan, scoped
 from ..errors import PlanError
 from ..io.writer import DEFAULT_MAX_SHARD_SIZE
 
@@ -52,15 +52,10 @@ class Built:
     def plan(self, max_shard_size=DEFAULT_MAX_SHARD_SIZE) -> Plan:
         """The model's one plan (plain data): what :meth:`save` streams. A chain whose steps compute
         in different precisions runs in the narrowest, each step's arithmetic scoped to its own
-        (leaves widen exactly; see ``ops.basic.at_precision``)."""
+        (see :class:`~surgery.engine.plan.Plan`)."""
         lazy = self.lazy
-        tensors = list(lazy.tensors.values())
-        compute = self.compute_dtype
-        if compute == "F64" and any("F32" in _scopes(t.expr) for t in tensors):
-            compute = "F32"
-            tensors = [OutputTensor(t.spec, _scoped(t.expr, "F64")) for t in tensors]
-        return Plan([c.source for c in lazy.inputs], tensors, max_shard_size,
-                    recipe=self.recipe or {"history": list(lazy.history)}, compute_dtype=compute)
+        return Plan([c.source for c in lazy.inputs], list(lazy.tensors.values()), max_shard_size,
+                    recipe=self.recipe or {"history": list(lazy.history)}, compute_dtype=self.compute_dtype)
 
     def save(self, output, *, device: str = "auto", max_shard_size=DEFAULT_MAX_SHARD_SIZE, force: bool = False,
              progress=None) -> Path:
@@ -82,21 +77,7 @@ class Built:
 def _rounded(lazy, precision: str):
     """Each float tensor as a later step sees it: computed in ``precision`` (the step's own), then
     rounded to the dtype it would be saved in."""
-    return lazy.map_float(lambda n, e: Call.of("round_to", [_scoped(e, precision)], dtype=lazy.tensors[n].spec.dtype))
-
-
-def _scoped(expr, precision: str):
-    return Call.of("at_precision", [expr], dtype=precision) if isinstance(expr, Call) else expr
-
-
-def _scopes(expr) -> set[str]:
-    """The precisions that ``at_precision`` scopes in ``expr`` ask for."""
-    if not isinstance(expr, Call):
-        return set()
-    found = {expr.kwargs["dtype"]} if expr.op == "at_precision" else set()
-    for a in expr.args:
-        found |= _scopes(a)
-    return found
+    return lazy.map_float(lambda n, e: Call.of("round_to", [scoped(e, precision)], dtype=lazy.tensors[n].spec.dtype))
 
 
 # -- helpers the builders share: an argument is a location, a Checkpoint, or a Built -------------
