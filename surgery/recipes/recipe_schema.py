@@ -17,6 +17,9 @@ REF, REFS, FLOAT, FLOATS, INT, BOOL, STR = "ref", "refs", "float", "floats", "in
 STRS = "strs"  # a list of strings (name patterns)
 LOCS = "locs"  # input names passed on as locations (files the op opens itself), not opened here
 LOC = "loc"  # one such input name
+# the kinds that name inputs or steps: (a list of them?, what the value must be)
+_NAME_KINDS = {REF: (False, "name an input or a step"), REFS: (True, "be a list of input or step names"),
+               LOC: (False, "name an input"), LOCS: (True, "be a list of input names")}
 MERGE_METHODS = ("task_arithmetic", "ties", "dare_linear", "dare_ties")
 _MERGE_PARAMS = {"base": (REF, True), "models": (REFS, True), "weights": (FLOATS, False),
                  "density": (FLOAT, False), "lambda": (FLOAT, False), "scope": (("tensor", "global"), False),
@@ -84,25 +87,16 @@ def _check_type(where: str, key: str, kind, value) -> Any:
         if not isinstance(value, bool):
             raise bad(f"{where}: parameter {key!r} must be true or false, got {value!r}")
         return value
-    if kind == REF:
-        if not isinstance(value, str) or not value:
-            raise bad(f"{where}: parameter {key!r} must name an input or a step, got {value!r}")
-        return value
-    if kind == REFS:
-        if not isinstance(value, list) or not value or not all(isinstance(v, str) and v for v in value):
-            raise bad(f"{where}: parameter {key!r} must be a list of input or step names, got {value!r}")
+    if kind in _NAME_KINDS:
+        many, what = _NAME_KINDS[kind]
+        ok = (isinstance(value, list) and value and all(isinstance(v, str) and v for v in value)) if many \
+            else (isinstance(value, str) and value)
+        if not ok:
+            raise bad(f"{where}: parameter {key!r} must {what}, got {value!r}")
         return value
     if kind == STRS:
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             raise bad(f"{where}: parameter {key!r} must be a list of strings (name patterns), got {value!r}")
-        return value
-    if kind == LOCS:
-        if not isinstance(value, list) or not value or not all(isinstance(v, str) and v for v in value):
-            raise bad(f"{where}: parameter {key!r} must be a list of input names, got {value!r}")
-        return value
-    if kind == LOC:
-        if not isinstance(value, str) or not value:
-            raise bad(f"{where}: parameter {key!r} must name an input, got {value!r}")
         return value
     raise AssertionError(kind)
 
