@@ -366,3 +366,23 @@ def test_peak_memory_of_a_chain_is_that_of_one_operation(tmp_path):
     chained = _peak_rss_mib(["run", tmp_path / "r.yaml", "-o", tmp_path / "c", "--device", "cpu", "-q"])
     print(f"peak RSS: single transfer {single:.0f} MiB, three-step recipe {chained:.0f} MiB, model {model_mib:.0f} MiB")
     assert chained < single + 0.5 * model_mib, (single, chained, model_mib)
+
+
+def test_statistics_passes_run_on_the_recipes_device(zoo, tmp_path, monkeypatch):
+    """A step's statistics (here TIES thresholds) are computed while the recipe is built, on the
+    device `surgery run --device` names, not on the default."""
+    import surgery.engine.stats as stats
+    from surgery.recipes.graph import run_recipe
+
+    seen, real = [], stats.tensor_topk_thresholds
+
+    def recording(inputs, items, density, device="auto", *args, **kwargs):
+        seen.append(device)
+        return real(inputs, items, density, device, *args, **kwargs)
+
+    monkeypatch.setattr(stats, "tensor_topk_thresholds", recording)
+    recipe = {"inputs": {"base": str(zoo["llama/base"]), "a": str(zoo["llama/ft1"]), "b": str(zoo["llama/ft2"])},
+              "steps": {"t": {"op": "ties", "base": "base", "models": ["a", "b"], "density": 0.3}},
+              "output": {"step": "t", "path": str(tmp_path / "out")}}
+    run_recipe(recipe, device="cpu")
+    assert seen == ["cpu"]

@@ -38,8 +38,10 @@ def _location(recipe: Recipe, value: str) -> str:
     return value  # a Hub id
 
 
-def build_step(recipe: Recipe, name: str, built: dict | None = None, opened: dict | None = None) -> Built:
-    """The lazy value of step ``name`` (and of the steps it uses), each input opened once."""
+def build_step(recipe: Recipe, name: str, built: dict | None = None, opened: dict | None = None,
+               device: str = "auto") -> Built:
+    """The lazy value of step ``name`` (and of the steps it uses), each input opened once; the
+    statistics passes some steps make while built (top-k thresholds, intruder analysis) run on ``device``."""
     built = {} if built is None else built
     opened = {} if opened is None else opened
     if name in built:
@@ -49,7 +51,7 @@ def build_step(recipe: Recipe, name: str, built: dict | None = None, opened: dic
 
     def arg(ref: str):
         if ref in recipe.steps:
-            return build_step(recipe, ref, built, opened)
+            return build_step(recipe, ref, built, opened, device)
         if ref not in opened:
             from ..io.checkpoint import open_checkpoint
             from ..lora import is_adapter
@@ -80,7 +82,7 @@ def build_step(recipe: Recipe, name: str, built: dict | None = None, opened: dic
     if name == recipe.output["step"] and recipe.output.get("dtype") is not None:
         dtype = recipe.output["dtype"]
     try:
-        result = _call(op, kw, dtype)
+        result = _call(op, kw, dtype, device)
     except PlanError as e:
         raise PlanError(f"step {name!r} ({op}): {e}") from None
     result.name = name
@@ -88,7 +90,7 @@ def build_step(recipe: Recipe, name: str, built: dict | None = None, opened: dic
     return result
 
 
-def _call(op: str, kw: dict, dtype: str | None) -> Built:
+def _call(op: str, kw: dict, dtype: str | None, device: str = "auto") -> Built:
     if op == "soup":
         from .soup import build_soup
 
@@ -104,7 +106,7 @@ def _call(op: str, kw: dict, dtype: str | None) -> Built:
             kw["method"] = op
         if "lambda" in kw:
             kw["lam"] = kw.pop("lambda")
-        return build_merge(kw.pop("base"), kw.pop("models"), dtype=dtype, **kw)
+        return build_merge(kw.pop("base"), kw.pop("models"), dtype=dtype, device=device, **kw)
     if op == "lines":
         from .merge import build_lines
 
@@ -125,7 +127,7 @@ def _call(op: str, kw: dict, dtype: str | None) -> Built:
             if set(kw) - {"base", "ft", "mask"}:
                 raise PlanError(f"a graft by a mask file takes no {', '.join(sorted(set(kw) - {'base', 'ft', 'mask'}))}")
             return build_graft_with_mask(kw["base"], kw["ft"], kw["mask"], dtype=dtype)
-        return build_graft(kw.pop("base"), kw.pop("ft"), dtype=dtype, **kw)
+        return build_graft(kw.pop("base"), kw.pop("ft"), dtype=dtype, device=device, **kw)
     if op in ("sft_apply", "sft_revert"):
         from .sft import build_apply
 
@@ -140,7 +142,7 @@ def _call(op: str, kw: dict, dtype: str | None) -> Built:
         if "include" in kw:
             kw["include"] = kw["include"] or None
         folder = scratch() / f"intruders-{len(list(scratch().glob('intruders-*')))}"
-        return build_reduce_intruders(kw.pop("base"), kw.pop("ft"), scratch=folder, dtype=dtype, **kw)
+        return build_reduce_intruders(kw.pop("base"), kw.pop("ft"), scratch=folder, dtype=dtype, device=device, **kw)
     raise PlanError(f"unknown op {op!r}")
 
 
@@ -175,10 +177,10 @@ def run_recipe(recipe, output=None, *, force: bool = False, device: str = "auto"
     with tempfile.TemporaryDirectory(prefix="surgery-recipe-") as tmp:
         _SCRATCH.append(tmp)
         try:
-            final = build_step(recipe, recipe.output["step"], built, opened)
+            final = build_step(recipe, recipe.output["step"], built, opened, device)
             for name, step in recipe.steps.items():
                 if step["save"]:
-                    b = build_step(recipe, name, built, opened)
+                    b = build_step(recipe, name, built, opened, device)
                     b.save(_location(recipe, step["save"]), device=device, max_shard_size=shard, force=force,
                            progress=progress)
             return final.save(out_path, device=device, max_shard_size=shard, force=force, progress=progress)
