@@ -16,6 +16,19 @@ def minilm_folder() -> Path:
     return Path(next(iter(spec.submodule_search_locations))) / "model"
 
 
+def example_parser(doc: str, json_out: bool = False):
+    """The command line every example takes: ``--fast`` (what the tests run), ``--workdir`` and,
+    with ``json_out``, ``--json`` (also write the results there)."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
+    ap.add_argument("--fast", action="store_true", help="fewer runs, steps and examples (what the tests run)")
+    ap.add_argument("--workdir", default=None, help="where checkpoints go (default: examples/_work/)")
+    if json_out:
+        ap.add_argument("--json", default=None, help="also write the results here")
+    return ap
+
+
 def prepare_run(seed: int, workdir: str | os.PathLike | None, subdir: str) -> Path:
     """Seed everything, quiet transformers, use 2 threads, and return the run's work folder."""
     import torch

@@ -24,7 +24,6 @@ therefore identical in every ingredient.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import random
 import sys
@@ -39,7 +38,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from minilm_common import minilm_folder, prepare_run  # noqa: E402
+from minilm_common import example_parser, minilm_folder, prepare_run  # noqa: E402
 
 SEED = 1234
 HEAD_SEED = 0
@@ -188,6 +187,17 @@ def make_start(work: Path, tokenizer) -> Path:
     return folder
 
 
+def start_run(prefix: str, fast: bool, workdir) -> tuple[Path, dict, object, Path]:
+    """What every MiniLM example begins with: its work folder (``prefix`` + fast or full), the
+    task's splits, the tokenizer, and the shared starting model."""
+    from transformers import AutoTokenizer
+
+    work = prepare_run(SEED, workdir, prefix + ("fast" if fast else "full"))
+    data = make_splits(fast)
+    tokenizer = AutoTokenizer.from_pretrained(minilm_folder())
+    return work, data, tokenizer, make_start(work, tokenizer)
+
+
 def train_steps(model, train: list[tuple[str, int]], tokenizer, *, seed: int, lr: float, steps: int,
                 batch: int) -> None:
     """The fine-tuning loop, on the parameters of ``model`` that require gradients: AdamW (weight
@@ -236,20 +246,14 @@ def fine_tune(start: Path, out: Path, train: list[tuple[str, int]], tokenizer, *
 def run(fast: bool = False, workdir: str | os.PathLike | None = None, log=print) -> dict:
     """The whole example; returns every number it prints (and the folders it wrote)."""
     t0 = time.perf_counter()
-    from transformers import AutoTokenizer
-
     import surgery
 
-    work = prepare_run(SEED, workdir, ("fast" if fast else "full"))
+    work, data, tokenizer, start = start_run("", fast, workdir)
     mode = FAST if fast else FULL
-
-    data = make_splits(fast)
-    tokenizer = AutoTokenizer.from_pretrained(minilm_folder())
     log(f"task: {len(LABELS)} labels ({', '.join(LABELS)}); train {len(data['train'])} "
         f"({LABEL_NOISE:.0%} label noise), val {len(data['val'])} and test {len(data['test'])} (held-out words/templates)")
     log(f"e.g. train: {data['train'][0][0]!r} -> {LABELS[data['train'][0][1]]}")
     log(f"     test:  {data['test'][1][0]!r} -> {LABELS[data['test'][1][1]]}")
-    start = make_start(work, tokenizer)
 
     val_cache: dict[str, float] = {}
 
@@ -315,9 +319,7 @@ def run(fast: bool = False, workdir: str | os.PathLike | None = None, log=print)
 
 
 def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--fast", action="store_true", help="fewer runs, steps and examples (a smoke test)")
-    ap.add_argument("--workdir", default=None, help="where checkpoints go (default: examples/_work/)")
+    ap = example_parser(__doc__)
     args = ap.parse_args(argv)
     return run(fast=args.fast, workdir=args.workdir)
 

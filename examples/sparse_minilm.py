@@ -25,7 +25,6 @@ fine-tune, as in grafting a classifier onto its pretrained encoder.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -34,9 +33,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from minilm_common import minilm_folder, prepare_run  # noqa: E402
 from surgery.lt_sft import train_lt_sft  # noqa: E402
-from soup_minilm import accuracy, fine_tune, load_classifier, make_split, make_splits, make_start  # noqa: E402
+from minilm_common import example_parser  # noqa: E402
+from soup_minilm import accuracy, fine_tune, load_classifier, make_split, make_splits, start_run  # noqa: E402,F401 (make_splits: the tests regenerate the task)
 
 SEED = 1234
 
@@ -165,16 +164,12 @@ def compose_domain_and_task(work: Path, mode: Mode, data, tokenizer, start: Path
 def run(fast: bool = False, workdir: str | os.PathLike | None = None, log=print) -> dict:
     t0 = time.perf_counter()
     import torch
-    from transformers import AutoTokenizer
 
     from surgery.recipes.graft import graft
     from surgery.recipes.mask_report import overlap
 
-    work = prepare_run(SEED, workdir, "sparse-" + ("fast" if fast else "full"))
+    work, data, tokenizer, start = start_run("sparse-", fast, workdir)
     mode = FAST if fast else FULL
-    data = make_splits(fast)
-    tokenizer = AutoTokenizer.from_pretrained(minilm_folder())
-    start = make_start(work, tokenizer)
     pre = pretrained_without_head(start, work / "pretrained")
     ft = fine_tune(start, work / "ft", data["train"], tokenizer, seed=1, lr=mode.lr, steps=mode.steps, batch=mode.batch)
     for name in ("train", "val"):
@@ -253,10 +248,7 @@ def run(fast: bool = False, workdir: str | os.PathLike | None = None, log=print)
 
 
 def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--fast", action="store_true", help="small and quick (what the tests run)")
-    ap.add_argument("--workdir", default=None, help="where checkpoints go (default examples/_work)")
-    ap.add_argument("--json", default=None, help="also write the results here")
+    ap = example_parser(__doc__, json_out=True)
     args = ap.parse_args(argv)
     results = run(fast=args.fast, workdir=args.workdir)
     if args.json:

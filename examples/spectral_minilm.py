@@ -29,7 +29,6 @@ Whether the paper's claim holds here is reported, not assumed.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
@@ -51,8 +50,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from minilm_common import minilm_folder, prepare_run  # noqa: E402
-from soup_minilm import accuracy, load_classifier, make_splits, make_start, train_steps  # noqa: E402
+from minilm_common import example_parser  # noqa: E402
+from soup_minilm import accuracy, load_classifier, make_splits, start_run, train_steps  # noqa: E402,F401 (make_splits: the tests regenerate the task)
 
 SEED = 1234
 TRAIN_SEED = 1  # data order, dropout and the LoRA A init: the same for all three runs
@@ -165,15 +164,10 @@ def run(fast: bool = False, workdir: str | os.PathLike | None = None, log=print,
     """The whole example; returns every number it prints. ``learning_rates`` overrides the mode's
     (keys: full, lora-r1, lora-r8), to rerun the learning-rate sweep."""
     t0 = time.perf_counter()
-    from transformers import AutoTokenizer
-
     from surgery.spectral import analyze, write_report
 
-    work = prepare_run(SEED, workdir, "spectral-" + ("fast" if fast else "full"))
+    work, data, tokenizer, start = start_run("spectral-", fast, workdir)
     mode = FAST if fast else FULL
-    data = make_splits(fast)
-    tokenizer = AutoTokenizer.from_pretrained(minilm_folder())
-    start = make_start(work, tokenizer)
     log(f"task: soup_minilm's 6 labels; train {len(data['train'])}, val {len(data['val'])}, "
         f"test {len(data['test'])}; every run: {mode.steps} steps x {mode.batch}, seed {TRAIN_SEED}")
 
@@ -278,10 +272,7 @@ def run(fast: bool = False, workdir: str | os.PathLike | None = None, log=print,
 
 
 def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--fast", action="store_true", help="small and quick (what the tests run)")
-    ap.add_argument("--workdir", default=None, help="where checkpoints go (default examples/_work)")
-    ap.add_argument("--json", default=None, help="also write the results here")
+    ap = example_parser(__doc__, json_out=True)
     for name, _ in RUNS:
         ap.add_argument(f"--lr-{name.removeprefix('lora-')}", type=float, default=None, dest=name,
                         help=f"learning rate of the {name} run (default {LEARNING_RATES[name]:g})")

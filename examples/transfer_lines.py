@@ -29,7 +29,6 @@ with the same torch build and thread count.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import random
@@ -46,7 +45,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from minilm_common import minilm_folder, prepare_run  # noqa: E402
+from minilm_common import example_parser, minilm_folder, prepare_run  # noqa: E402
 
 SEED = 1234
 HEAD_SEED = 0  # the 2-way head that A, and hence every model here, starts from
@@ -637,9 +636,7 @@ def run(fast: bool = False, workdir: str | os.PathLike | None = None, log=print)
 
 
 def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--fast", action="store_true", help="fewer steps and examples (a smoke test)")
-    ap.add_argument("--workdir", default=None, help="where checkpoints go (default: examples/_work/)")
+    ap = example_parser(__doc__)
     args = ap.parse_args(argv)
     return run(fast=args.fast, workdir=args.workdir)
 

@@ -264,3 +264,16 @@ def make_hub_cache(cache: Path, repo_id: str, src: Path, commit: str) -> Path:
     (repo / "refs").mkdir(exist_ok=True)
     (repo / "refs" / "main").write_text(commit)
     return snap
+
+
+def batched_accuracy(model, tokenizer, data, batch: int) -> float:
+    """Classification accuracy recomputed in a test, in the example's batches, so padding (and with
+    it float rounding) is the same and the numbers must agree exactly."""
+    model.eval()
+    correct = 0
+    with torch.no_grad():
+        for i in range(0, len(data), batch):
+            texts, labels = zip(*data[i:i + batch])
+            pred = model(**tokenizer(list(texts), return_tensors="pt", padding=True)).logits.argmax(-1)
+            correct += sum(int(p) == y for p, y in zip(pred.tolist(), labels))
+    return correct / len(data)

@@ -204,6 +204,10 @@ class _Handler(BaseHTTPRequestHandler):
             return None
         return repo
 
+    def _writable(self, repo_id: str) -> Repo | None:
+        """The repo a write request names, or None once the refusal (credentials, no such repo) is sent."""
+        return self._repo(repo_id) if self._may_write() else None
+
     def _commit_of(self, repo: Repo, revision: str) -> str | None:
         oid = repo.resolve(revision)
         if oid is None:
@@ -344,9 +348,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _preupload(self, repo_id: str, revision: str, query: dict) -> bool:
         payload = json.loads(self._body() or b"{}")
-        if not self._may_write():
-            return True
-        repo = self._repo(repo_id)
+        repo = self._writable(repo_id)
         if repo is None:
             return True
         if query.get("create_pr"):
@@ -366,9 +368,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _lfs_batch(self, repo_id: str) -> bool:
         payload = json.loads(self._body() or b"{}")
-        if not self._may_write():
-            return True
-        if self._repo(repo_id) is None:
+        if self._writable(repo_id) is None:
             return True
         objects = []
         for o in payload.get("objects", []):
@@ -392,9 +392,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _branch(self, repo_id: str, branch: str) -> bool:
         payload = json.loads(self._body() or b"{}")
-        if not self._may_write():
-            return True
-        repo = self._repo(repo_id)
+        repo = self._writable(repo_id)
         if repo is None:
             return True
         if branch in repo.refs:
@@ -408,9 +406,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _commit(self, repo_id: str, revision: str, query: dict) -> bool:
         lines = [json.loads(line) for line in self._body().splitlines() if line.strip()]
-        if not self._may_write():
-            return True
-        repo = self._repo(repo_id)
+        repo = self._writable(repo_id)
         if repo is None:
             return True
         self.hub.commit_calls += 1

@@ -23,7 +23,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
-from _support import read_folder  # noqa: E402
+from _support import batched_accuracy, read_folder  # noqa: E402
 
 # peft 0.21 calls transformers 5's deprecated is_gradient_checkpointing when it loads an adapter
 pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing:FutureWarning")
@@ -52,18 +52,6 @@ def fast_run(tmp_path_factory):
 def report(fast_run):
     _, results, _ = fast_run
     return json.loads((Path(results["spectral"]["report"]) / "spectral.json").read_text())
-
-
-def _accuracy(model, tokenizer, data, batch: int) -> float:
-    """Test accuracy recomputed here; batches as the example's, so padding (and rounding) is the same."""
-    model.eval()
-    correct = 0
-    with torch.no_grad():
-        for i in range(0, len(data), batch):
-            texts, labels = zip(*data[i:i + batch])
-            pred = model(**tokenizer(list(texts), return_tensors="pt", padding=True)).logits.argmax(-1)
-            correct += sum(int(p) == y for p, y in zip(pred.tolist(), labels))
-    return correct / len(data)
 
 
 def _peft_model(start, adapter):
@@ -125,11 +113,11 @@ def test_accuracies_recomputed_from_the_saved_models(fast_run):
     tokenizer = transformers.AutoTokenizer.from_pretrained(results["start"])
     for name, row in results["runs"].items():
         model = transformers.AutoModelForSequenceClassification.from_pretrained(row["folder"])
-        assert _accuracy(model, tokenizer, test, EVAL_BATCH) == row["test"], name
+        assert batched_accuracy(model, tokenizer, test, EVAL_BATCH) == row["test"], name
     for name in LORA_RUNS:
         row = results["runs"][name]
         # the adapter as peft loads it (not merged): the model the example had in memory
-        via_peft = _accuracy(_peft_model(results["start"], row["adapter"]), tokenizer, test, EVAL_BATCH)
+        via_peft = batched_accuracy(_peft_model(results["start"], row["adapter"]), tokenizer, test, EVAL_BATCH)
         assert via_peft == row["test_in_memory"], name
         # merged or not, the same function up to float rounding: at most one near-tie may flip
         assert abs(via_peft - row["test"]) <= 1 / len(test) + 1e-12, name

@@ -23,6 +23,8 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 from safetensors.torch import load_file
 
+from _support import batched_accuracy
+
 
 def _load_example():
     spec = importlib.util.spec_from_file_location("soup_minilm_example", EXAMPLE)
@@ -67,20 +69,9 @@ def _mean_of(folders) -> dict[str, torch.Tensor]:
 
 
 def _accuracy(folder, data, batch: int) -> float:
-    """Accuracy recomputed here, with the model and tokenizer loaded from the folder by transformers.
-
-    Batches match the example's, so padding (and with it float rounding) is the same and the
-    numbers must agree exactly, not just within a near-tie or two.
-    """
-    model = transformers.AutoModelForSequenceClassification.from_pretrained(folder).eval()
-    tok = transformers.AutoTokenizer.from_pretrained(folder)
-    correct = 0
-    with torch.no_grad():
-        for i in range(0, len(data), batch):
-            texts, labels = zip(*data[i:i + batch])
-            pred = model(**tok(list(texts), return_tensors="pt", padding=True)).logits.argmax(-1)
-            correct += sum(int(p) == y for p, y in zip(pred.tolist(), labels))
-    return correct / len(data)
+    """Accuracy recomputed here, with the model and tokenizer loaded from the folder by transformers."""
+    return batched_accuracy(transformers.AutoModelForSequenceClassification.from_pretrained(folder),
+                            transformers.AutoTokenizer.from_pretrained(folder), data, batch)
 
 
 def test_splits_are_deterministic_and_shifted(example):
